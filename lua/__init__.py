@@ -1,0 +1,1 @@
+"""The Lua scripts of the ledger, shipped as package data (loaded by quota_common.scripts)."""

@@ -1,0 +1,48 @@
+--[[
+extend: raise an open hold to a new total (a streamed answer outgrew its estimate) and, with a
+ttl, move its expiry. The total is named, not the increment, so a retry changes nothing.
+
+KEYS[1] state hash, KEYS[2] holds zset, KEYS[3] record hash, KEYS[4] settle stream,
+KEYS[5] due zset (as in reserve.lua)
+ARGV[1] user id
+ARGV[2] reservation id
+ARGV[3] tokens: the hold's new total (integer >= 1)
+ARGV[4] new ttl from now, ms (0 = keep the expiry)
+ARGV[5] record prefix
+
+Returns {code, answer}, answer as in reserve.lua ("plan|granted|limit|used|reserved|ps|pe|expires_ms"):
+  OK (0); NOT_LOADED (-1); QUOTA_EXCEEDED (-2) the hold stays as it was; NOT_FOUND (-4);
+  ALREADY_COMMITTED (-5); ALREADY_REFUNDED (-6); EXPIRED (-7);
+  BELOW_HOLD (-8) the total asked is less than the hold (answer: the tokens held).
+]]
+local state, holds, record, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local user, rid, tokens, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local record_prefix = ARGV[5]
+
+local now = now_ms()
+if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
+
+local r = redis.call('HMGET', record, 's', 'g', 'x')
+local status, held, expires = r[1], tonumber(r[2]), tonumber(r[3])
+if not status then return {NOT_FOUND, ''} end
+if status == 'C' then return {ALREADY_COMMITTED, ''} end
+if status == 'R' then return {ALREADY_REFUNDED, ''} end
+if status == 'E' then return {EXPIRED, ''} end
+if tokens < held then return {BELOW_HOLD, tostring(held)} end
+
+local u = usage_of(state)
+local extra = tokens - held
+if extra > u.limit - u.used - u.reserved then
+  return {QUOTA_EXCEEDED, table.concat({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0}, '|')}
+end
+if extra > 0 then
+  u.reserved = redis.call('HINCRBY', state, 'reserved', extra)
+  redis.call('HSET', record, 'g', tokens)
+end
+if ttl_ms > 0 then
+  expires = now + ttl_ms
+  redis.call('HSET', record, 'x', expires)
+  redis.call('ZADD', holds, expires, rid)
+  track_due(holds, due_set, user)
+end
+return {OK, table.concat({u.plan, tokens, u.limit, u.used, u.reserved, u.ps, u.pe, expires}, '|')}

@@ -1,0 +1,1 @@
+"""What the quota gateway's services share: settings, plans, schema, Redis layout and scripts."""

@@ -1,0 +1,59 @@
+"""Every Redis key name of the gateway, and the hash tag that keeps one call on one slot.
+
+Users are spread over BUCKETS buckets by crc32 of their id; the bucket is the hash tag, so a
+user's state, holds and records and the bucket's settle stream and due set share a slot. A
+script touching all of them therefore runs unchanged on Redis Cluster, and the sync worker reads
+one stream per bucket instead of one per user. BUCKETS is part of the stored layout: changing
+it moves every user's keys (flush Redis and let the state rebuild from Postgres).
+"""
+
+import zlib
+from dataclasses import dataclass
+
+BUCKETS = 128
+SETTLE_GROUP = "settlers"
+
+
+def bucket_of(user_id: str) -> int:
+    return zlib.crc32(user_id.encode()) % BUCKETS
+
+
+def bucket_tag(bucket: int) -> str:
+    return f"{{b{bucket}}}"
+
+
+def settle_stream(bucket: int) -> str:
+    return f"q:{bucket_tag(bucket)}:settled"
+
+
+def due_set(bucket: int) -> str:
+    return f"q:{bucket_tag(bucket)}:due"
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """The keys of one user; `record(rid)` is the hash of one reservation."""
+
+    user_id: str
+    state: str
+    holds: str
+    record_prefix: str
+    stream: str
+    due: str
+
+    def record(self, reservation_id: str) -> str:
+        return self.record_prefix + reservation_id
+
+
+def user_keys(user_id: str) -> UserKeys:
+    bucket = bucket_of(user_id)
+    tag = bucket_tag(bucket)
+    # "/" is not allowed in ids, so "<user>/<reservation>" can never be read two ways.
+    return UserKeys(
+        user_id=user_id,
+        state=f"q:{tag}:s:{user_id}",
+        holds=f"q:{tag}:h:{user_id}",
+        record_prefix=f"q:{tag}:r:{user_id}/",
+        stream=settle_stream(bucket),
+        due=due_set(bucket),
+    )

@@ -1,0 +1,22 @@
+"""Billing periods in Python, matching month_bounds() of lua/_prelude.lua."""
+
+from datetime import UTC, datetime
+
+
+def calendar_month(now: datetime) -> tuple[datetime, datetime]:
+    """The UTC calendar month that contains `now`: FREE users' period."""
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    end = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    return start, end
+
+
+def from_unix(seconds: int | str) -> datetime:
+    return datetime.fromtimestamp(int(seconds), tz=UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def unix_rfc3339(seconds: int | str) -> str:
+    return rfc3339(from_unix(seconds))

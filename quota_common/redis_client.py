@@ -1,0 +1,30 @@
+"""Redis connections for a single server or a cluster, chosen by the settings."""
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from quota_common.scripts import AnyRedis
+from quota_common.settings import Settings
+
+
+def connect(
+    settings: Settings, timeout_s: float | None = None, max_connections: int = 64
+) -> AnyRedis:
+    """Short timeouts by default: a hung Redis must cost a request milliseconds, not seconds."""
+    timeout = timeout_s if timeout_s is not None else settings.redis_timeout_ms / 1000
+    if settings.uses_cluster:
+        url = settings.redis_url.replace("redis+cluster://", "redis://", 1)
+        return RedisCluster.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+        )
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 0),
+    )

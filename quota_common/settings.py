@@ -1,0 +1,151 @@
+"""Settings of every process, read from the environment and a `.env` file in the working
+directory (the environment wins). `load()` checks what every process shares; each process then
+calls `require_*` for what only it needs. A bad setting raises SettingsError naming it, which the
+console scripts print as one line before exiting with status 2.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class SettingsError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    redis_timeout_ms: int = 50
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/quota"
+    log_level: str = "INFO"
+    quota_free: int = 100_000
+    quota_plus: int = 1_000_000
+    quota_pro: int = 5_000_000
+    plan_plus_price: int = 990
+    plan_pro_price: int = 1990
+    reservation_ttl_s: int = 300
+    sidecar_host: str = "127.0.0.1"
+    sidecar_port: int = 8700
+    sidecar_uds: str | None = None
+    sidecar_token: str | None = None
+    admin_token: str | None = None
+    fail_mode: str = "closed"
+    fail_open_budget: int = 1000
+    alert_thresholds: tuple[int, ...] = (80, 90, 100)
+    alert_webhook_url: str | None = None
+    alert_webhook_secret: str | None = None
+
+    @property
+    def uses_cluster(self) -> bool:
+        return self.redis_cluster or self.redis_url.startswith("redis+cluster://")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    merged = read_env_file(Path(".env"))
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1/true/yes or 0/false/no, got {raw!r}")
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.hostname or parts.path):
+        raise SettingsError(f"{name} must be a {'/'.join(schemes)} URL, got {value!r}")
+    return value
+
+
+def _optional(env: Mapping[str, str], name: str) -> str | None:
+    return env.get(name) or None
+
+
+def _thresholds(env: Mapping[str, str]) -> tuple[int, ...]:
+    raw = env.get("ALERT_THRESHOLDS") or "80,90,100"
+    try:
+        values = sorted({int(part) for part in raw.split(",") if part.strip()})
+    except ValueError:
+        raise SettingsError(
+            f"ALERT_THRESHOLDS must be percents like 80,90,100, got {raw!r}"
+        ) from None
+    if not values or values[0] < 1 or values[-1] > 1000:
+        raise SettingsError(f"ALERT_THRESHOLDS must be percents from 1 to 1000, got {raw!r}")
+    return tuple(values)
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    env = environment(environ)
+    defaults = Settings()
+    fail_mode = (env.get("FAIL_MODE") or "closed").lower()
+    if fail_mode not in ("closed", "open"):
+        raise SettingsError(f"FAIL_MODE must be 'closed' or 'open', got {fail_mode!r}")
+    log_level = (env.get("LOG_LEVEL") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    return Settings(
+        redis_url=_url(
+            env, "REDIS_URL", defaults.redis_url, ("redis", "rediss", "unix", "redis+cluster")
+        ),
+        redis_cluster=_bool(env, "REDIS_CLUSTER"),
+        redis_timeout_ms=_int(env, "REDIS_TIMEOUT_MS", defaults.redis_timeout_ms, 1, 60_000),
+        database_url=_url(
+            env,
+            "DATABASE_URL",
+            defaults.database_url,
+            ("postgresql", "postgres", "postgresql+psycopg"),
+        ),
+        log_level=log_level,
+        quota_free=_int(env, "QUOTA_FREE", defaults.quota_free, 0, 10**12),
+        quota_plus=_int(env, "QUOTA_PLUS", defaults.quota_plus, 0, 10**12),
+        quota_pro=_int(env, "QUOTA_PRO", defaults.quota_pro, 0, 10**12),
+        plan_plus_price=_int(env, "PLAN_PLUS_PRICE", defaults.plan_plus_price, 0, 10**8),
+        plan_pro_price=_int(env, "PLAN_PRO_PRICE", defaults.plan_pro_price, 0, 10**8),
+        reservation_ttl_s=_int(env, "RESERVATION_TTL_S", defaults.reservation_ttl_s, 1, 3600),
+        sidecar_host=env.get("SIDECAR_HOST") or defaults.sidecar_host,
+        sidecar_port=_int(env, "SIDECAR_PORT", defaults.sidecar_port, 1, 65535),
+        sidecar_uds=_optional(env, "SIDECAR_UDS"),
+        sidecar_token=_optional(env, "SIDECAR_TOKEN"),
+        admin_token=_optional(env, "ADMIN_TOKEN"),
+        fail_mode=fail_mode,
+        fail_open_budget=_int(env, "FAIL_OPEN_BUDGET", defaults.fail_open_budget, 0, 10**9),
+        alert_thresholds=_thresholds(env),
+        alert_webhook_url=_optional(env, "ALERT_WEBHOOK_URL"),
+        alert_webhook_secret=_optional(env, "ALERT_WEBHOOK_SECRET"),
+    )

@@ -1,0 +1,1 @@
+"""The sidecar: the hot path that reserves, commits and refunds tokens for chat services."""

@@ -1,0 +1,177 @@
+"""The sidecar's Starlette application: the /v1 hot path, health, metrics and OpenAPI."""
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from quota_common import db, redis_client
+from quota_common.codes import REFUSALS, Code, ErrorCode
+from quota_common.keys import user_keys
+from quota_common.plans import catalogue
+from quota_common.scripts import SCRIPTS, AnyRedis, register_all
+from quota_common.settings import Settings
+from sidecar import answers, metrics
+from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, RequestError, check_id, validate
+from sidecar.http import JSONResponse, endpoint, http_error, read_json
+from sidecar.ledger import Ledger
+from sidecar.openapi import openapi_document
+
+
+def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
+    status, error = REFUSALS[code]
+    if code == Code.QUOTA_EXCEEDED:
+        fields, retry_after = answers.refusal(answer)
+        metrics.REFUSED.inc()
+        return RequestError(
+            status,
+            error,
+            "not enough tokens left in this period",
+            headers={"Retry-After": str(retry_after)},
+            **fields,
+        )
+    if code == Code.BELOW_HOLD:
+        return RequestError(status, error, f"tokens must be at least the {answer} already held")
+    messages = {
+        Code.IDEMPOTENCY_CONFLICT: "this reservation_id was used with different fields",
+        Code.NOT_FOUND: "no such reservation for this user",
+        Code.ALREADY_COMMITTED: "the reservation was already committed",
+        Code.ALREADY_REFUNDED: "the reservation was already refunded",
+        Code.EXPIRED: "the reservation's hold has expired",
+    }
+    return RequestError(status, error, messages[code], reservation_id=reservation_id)
+
+
+def create_app(
+    settings: Settings, redis: AnyRedis | None = None, engine: AsyncEngine | None = None
+) -> Starlette:
+    plans = catalogue(settings)
+    store = redis or redis_client.connect(settings)
+    database = engine or db.async_engine(settings.database_url)
+    ledger = Ledger(store, database, plans)
+    ttl_default_ms = settings.reservation_ttl_s * 1000
+    v1 = {"token": lambda: settings.sidecar_token}
+
+    @endpoint("reserve", **v1)
+    async def reserve(request: Request) -> Response:
+        body = validate(await read_json(request), RESERVE)
+        user = user_keys(body["user_id"])
+        rid = body["reservation_id"] or uuid.uuid4().hex
+        min_tokens = body["min_tokens"] or 0
+        if min_tokens > body["tokens"]:
+            raise RequestError(422, ErrorCode.VALIDATION_ERROR, "min_tokens must not exceed tokens")
+        ttl_ms = body["ttl_s"] * 1000 if body["ttl_s"] else ttl_default_ms
+        code, answer = await ledger.reserve(
+            user, rid, body["tokens"], min_tokens, ttl_ms, body["metadata"]
+        )
+        if code not in (Code.OK, Code.REPLAYED):
+            raise refused(code, answer, rid)
+        result = answers.reservation(rid, user.user_id, answer, code == Code.REPLAYED)
+        if code == Code.OK:
+            metrics.GRANTED.inc(result["granted"])
+        return JSONResponse(result)
+
+    @endpoint("extend", **v1)
+    async def extend(request: Request) -> Response:
+        body = validate(await read_json(request), EXTEND)
+        user = user_keys(body["user_id"])
+        ttl_ms = body["ttl_s"] * 1000 if body["ttl_s"] else 0
+        code, answer = await ledger.extend(user, body["reservation_id"], body["tokens"], ttl_ms)
+        if code != Code.OK:
+            raise refused(code, answer, body["reservation_id"])
+        return JSONResponse(
+            answers.reservation(body["reservation_id"], user.user_id, answer, False)
+        )
+
+    @endpoint("commit", **v1)
+    async def commit(request: Request) -> Response:
+        body = validate(await read_json(request), COMMIT)
+        user = user_keys(body["user_id"])
+        code, answer = await ledger.commit(
+            user, body["reservation_id"], body["tokens"], body["metadata"]
+        )
+        if code not in (Code.OK, Code.REPLAYED):
+            raise refused(code, answer, body["reservation_id"])
+        result = answers.commit(body["reservation_id"], user.user_id, answer, code == Code.REPLAYED)
+        if code == Code.OK:
+            metrics.CHARGED.inc(result["charged"])
+            metrics.RELEASED.inc(result["released"])
+            held = result["charged"] + result["released"]
+            if held and not result["late"]:
+                metrics.CHARGE_RATIO.observe(result["charged"] / held)
+        return JSONResponse(result)
+
+    @endpoint("refund", **v1)
+    async def refund(request: Request) -> Response:
+        body = validate(await read_json(request), REFUND)
+        user = user_keys(body["user_id"])
+        code, answer = await ledger.refund(user, body["reservation_id"])
+        if code not in (Code.OK, Code.REPLAYED):
+            raise refused(code, answer, body["reservation_id"])
+        result = answers.refund(body["reservation_id"], user.user_id, answer, code == Code.REPLAYED)
+        if code == Code.OK and result["status"] == "refunded":
+            metrics.RELEASED.inc(result["released"])
+        return JSONResponse(result)
+
+    @endpoint("usage", **v1)
+    async def usage(request: Request) -> Response:
+        user = user_keys(check_id(request.path_params["user_id"], "user_id"))
+        _, answer = await ledger.usage(user)
+        return JSONResponse(answers.usage(user.user_id, answer))
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            loaded = await store.script_exists(*(s.sha for s in SCRIPTS.values()))
+            if not all(loaded):
+                await register_all(store)
+        except (RedisError, OSError) as error:
+            return JSONResponse(
+                {"status": "unavailable", "redis": type(error).__name__}, status_code=503
+            )
+        return JSONResponse({"status": "ready"})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    document = openapi_document()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Redis down at start: /readyz says so, and every call loads its script once it is back.
+        with contextlib.suppress(RedisError, OSError):
+            await register_all(store)
+        yield
+        await store.aclose()
+        await database.dispose()
+
+    routes = [
+        Route("/v1/reserve", reserve, methods=["POST"]),
+        Route("/v1/extend", extend, methods=["POST"]),
+        Route("/v1/commit", commit, methods=["POST"]),
+        Route("/v1/refund", refund, methods=["POST"]),
+        Route("/v1/usage/{user_id}", usage, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+    )
+    app.state.ledger = ledger
+    return app

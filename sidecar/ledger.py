@@ -1,0 +1,91 @@
+"""The sidecar's side of the Lua ledger: one script call per operation, and the cold load of a
+user Redis does not know (seeded from Postgres once, however many requests wait for it)."""
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from quota_common.accounts import load_account
+from quota_common.codes import Code
+from quota_common.keys import UserKeys
+from quota_common.plans import Plan
+from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
+
+
+class Ledger:
+    def __init__(self, redis: AnyRedis, engine: AsyncEngine, plans: dict[str, Plan]) -> None:
+        self.redis = redis
+        self.engine = engine
+        self.plans = plans
+        self._loading: dict[str, asyncio.Task[None]] = {}
+
+    async def run(
+        self, script: LuaScript, user: UserKeys, keys: list[str], args: list[Any]
+    ) -> tuple[Code, str]:
+        """Runs an operation script; a user unknown to Redis is seeded and the call repeated."""
+        code, answer = await script(self.redis, keys, args)
+        if code == Code.NOT_LOADED:
+            await self.ensure_loaded(user)
+            code, answer = await script(self.redis, keys, args)
+        return Code(code), answer.decode() if isinstance(answer, bytes) else answer
+
+    async def ensure_loaded(self, user: UserKeys) -> None:
+        # One Postgres load per user at a time in this process; the seed script makes the
+        # loads of several processes harmless (the first one wins, nothing is added).
+        task = self._loading.get(user.user_id)
+        if task is None:
+            task = asyncio.create_task(self._load(user))
+            self._loading[user.user_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(user.user_id, None))
+        await asyncio.shield(task)
+
+    async def _load(self, user: UserKeys) -> None:
+        async with self.engine.connect() as conn:
+            account = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
+        await SCRIPTS["seed"](self.redis, [user.state], account.script_args())
+
+    async def reserve(
+        self,
+        user: UserKeys,
+        reservation_id: str,
+        tokens: int,
+        min_tokens: int,
+        ttl_ms: int,
+        metadata: str,
+    ) -> tuple[Code, str]:
+        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        args = [
+            user.user_id,
+            reservation_id,
+            tokens,
+            min_tokens,
+            ttl_ms,
+            metadata,
+            user.record_prefix,
+        ]
+        return await self.run(SCRIPTS["reserve"], user, keys, args)
+
+    async def extend(
+        self, user: UserKeys, reservation_id: str, tokens: int, ttl_ms: int
+    ) -> tuple[Code, str]:
+        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        args = [user.user_id, reservation_id, tokens, ttl_ms, user.record_prefix]
+        return await self.run(SCRIPTS["extend"], user, keys, args)
+
+    async def commit(
+        self, user: UserKeys, reservation_id: str, tokens: int, metadata: str
+    ) -> tuple[Code, str]:
+        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix]
+        return await self.run(SCRIPTS["commit"], user, keys, args)
+
+    async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, str]:
+        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        args = [user.user_id, reservation_id, user.record_prefix]
+        return await self.run(SCRIPTS["refund"], user, keys, args)
+
+    async def usage(self, user: UserKeys) -> tuple[Code, str]:
+        keys = [user.state, user.holds, user.stream, user.due]
+        return await self.run(SCRIPTS["usage"], user, keys, [user.user_id, user.record_prefix])

@@ -1,0 +1,100 @@
+"""Starting the project's own processes for tests, as operators run them: console scripts with
+settings in the environment, on loopback ports, awaited until they answer."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=0.5).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+class Process:
+    """One of our console scripts running in the background."""
+
+    def __init__(
+        self, script: str, env: Mapping[str, str], log_path: Path, ready_url: str | None = None
+    ) -> None:
+        self.script = script
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.ready_url = ready_url
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20) -> "Process":
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / self.script)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if self.ready_url is not None:
+            url = self.ready_url
+            wait_until(
+                lambda: self.running() and answers(url), timeout_s, f"{self.script} at {url}"
+            )
+        return self
+
+    def running(self) -> bool:
+        """True while the process runs; an early exit fails the test with the process's log."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.script} exited: {self.log_path.read_text()[-2000:]}")
+        return True
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 10) -> int | None:
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
