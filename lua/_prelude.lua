@@ -126,6 +126,22 @@ local function touch(state, holds, record_prefix, stream, user, now)
   return true
 end
 
+-- Adds an alert entry to the stream for each threshold (percent of the limit) that usage has
+-- reached for the first time this period; `al` remembers the highest one fired.
+local function fire_alerts(state, stream, user, u, thresholds, now)
+  local fired = tonumber(redis.call('HGET', state, 'al')) or 0
+  local highest = fired
+  for percent in string.gmatch(thresholds, '%d+') do
+    percent = tonumber(percent)
+    if percent > fired and u.used * 100 >= percent * u.limit then
+      highest = percent
+      redis.call('XADD', stream, '*', 'k', 'alert', 'u', user, 'th', percent, 'lim', u.limit,
+        'used', u.used, 'ps', u.ps, 'pe', u.pe, 't', now)
+    end
+  end
+  if highest > fired then redis.call('HSET', state, 'al', highest) end
+end
+
 -- Mirrors quota_common.codes.Code.
 local OK, REPLAYED, NOT_LOADED = 0, 1, -1
 local QUOTA_EXCEEDED, IDEMPOTENCY_CONFLICT, NOT_FOUND = -2, -3, -4

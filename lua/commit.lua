@@ -9,6 +9,8 @@ ARGV[2] reservation id
 ARGV[3] tokens used (integer >= 0)
 ARGV[4] metadata JSON of the commit ('' = keep the reservation's)
 ARGV[5] record prefix
+ARGV[6] alert thresholds, percents ascending ("80,90,100"): each one crossed for the first
+        time this period adds an alert entry to the stream
 
 Returns {code, answer}, answer = "charged|released|used|reserved|limit|late|plan|ps|pe":
   OK (0); REPLAYED (1) the first answer; NOT_LOADED (-1);
@@ -16,7 +18,7 @@ Returns {code, answer}, answer = "charged|released|used|reserved|limit|late|plan
 ]]
 local state, holds, record, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local user, rid, tokens, metadata = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local record_prefix = ARGV[5]
+local record_prefix, thresholds = ARGV[5], ARGV[6]
 
 local now = now_ms()
 if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
@@ -57,4 +59,5 @@ redis.call('HSET', record, 's', 'C', 'ct', tokens, 'cb', answer)
 redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
 redis.call('XADD', stream, '*', 'k', 'committed', 'u', user, 'r', rid, 'tr', held, 'tc', tokens,
   'l', late and 1 or 0, 'md', metadata, 't', now, 'ps', u.ps)
+if tokens > 0 then fire_alerts(state, stream, user, u, thresholds, now) end
 return {OK, answer}

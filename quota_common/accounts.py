@@ -14,6 +14,10 @@ from quota_common.plans import FREE, Plan
 from quota_common.schema import credit_grants, subscriptions, usage_totals
 from quota_common.scripts import SCRIPTS, AnyRedis
 
+# Postgres NOTIFY channel: payload is a user id whose subscription changed; the sync worker
+# listens and pushes that user's plan into Redis.
+PLAN_CHANNEL = "quota_plans"
+
 # Subscription statuses that keep the paid plan (past_due: Stripe is still retrying payment).
 PAID_STATUSES = ("active", "trialing", "past_due")
 

@@ -15,7 +15,17 @@ from redis.exceptions import NoScriptError
 
 AnyRedis = Redis | RedisCluster
 
-OPERATIONS = ("reserve", "commit", "refund", "extend", "usage", "seed", "apply_plan")
+OPERATIONS = (
+    "reserve",
+    "commit",
+    "refund",
+    "extend",
+    "usage",
+    "seed",
+    "apply_plan",
+    "grant",
+    "reset",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from quota_common.plans import catalogue
 from quota_common.scripts import SCRIPTS, AnyRedis, register_all
 from quota_common.settings import Settings
 from sidecar import answers, metrics
+from sidecar.admin import admin_routes
 from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, RequestError, check_id, validate
 from sidecar.http import JSONResponse, endpoint, http_error, read_json
 from sidecar.ledger import Ledger
@@ -57,7 +58,7 @@ def create_app(
     plans = catalogue(settings)
     store = redis or redis_client.connect(settings)
     database = engine or db.async_engine(settings.database_url)
-    ledger = Ledger(store, database, plans)
+    ledger = Ledger(store, database, plans, settings.alert_thresholds)
     ttl_default_ms = settings.reservation_ttl_s * 1000
     v1 = {"token": lambda: settings.sidecar_token}
 
@@ -169,6 +170,7 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *admin_routes(settings, ledger),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}

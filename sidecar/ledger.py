@@ -15,10 +15,17 @@ from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
 
 
 class Ledger:
-    def __init__(self, redis: AnyRedis, engine: AsyncEngine, plans: dict[str, Plan]) -> None:
+    def __init__(
+        self,
+        redis: AnyRedis,
+        engine: AsyncEngine,
+        plans: dict[str, Plan],
+        alert_thresholds: tuple[int, ...],
+    ) -> None:
         self.redis = redis
         self.engine = engine
         self.plans = plans
+        self.thresholds = ",".join(str(percent) for percent in alert_thresholds)
         self._loading: dict[str, asyncio.Task[None]] = {}
 
     async def run(
@@ -78,7 +85,7 @@ class Ledger:
         self, user: UserKeys, reservation_id: str, tokens: int, metadata: str
     ) -> tuple[Code, str]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
-        args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix]
+        args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix, self.thresholds]
         return await self.run(SCRIPTS["commit"], user, keys, args)
 
     async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, str]:
@@ -87,5 +94,11 @@ class Ledger:
         return await self.run(SCRIPTS["refund"], user, keys, args)
 
     async def usage(self, user: UserKeys) -> tuple[Code, str]:
+        return await self.run_on_state(SCRIPTS["usage"], user)
+
+    async def run_on_state(
+        self, script: LuaScript, user: UserKeys, *extra: Any
+    ) -> tuple[Code, str]:
+        """Runs a script of the usage.lua shape (usage, grant, reset)."""
         keys = [user.state, user.holds, user.stream, user.due]
-        return await self.run(SCRIPTS["usage"], user, keys, [user.user_id, user.record_prefix])
+        return await self.run(script, user, keys, [user.user_id, user.record_prefix, *extra])

@@ -1,0 +1,21 @@
+--[[
+reset: usage of the user's current period back to zero (an operator's decision). A reset entry
+goes to the settle stream behind every settlement before it, so the sync worker applies the
+reset to the period's total in the same order.
+
+KEYS[1] state hash, KEYS[2] holds zset, KEYS[3] settle stream, KEYS[4] due zset
+ARGV[1] user id
+ARGV[2] record prefix
+
+Returns {code, answer}, answer as in usage.lua ("plan|limit|used|reserved|credits|ps|pe"):
+  OK (0); NOT_LOADED (-1).
+]]
+local state, holds, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local user, record_prefix = ARGV[1], ARGV[2]
+
+local now = now_ms()
+if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
+redis.call('HSET', state, 'used', 0, 'al', 0)
+local u = usage_of(state)
+redis.call('XADD', stream, '*', 'k', 'reset', 'u', user, 'ps', u.ps, 't', now)
+return {OK, table.concat({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe}, '|')}
