@@ -33,11 +33,26 @@ class Settings:
     sidecar_uds: str | None = None
     sidecar_token: str | None = None
     admin_token: str | None = None
+    sidecar_journal_dir: str = "sidecar-journal"
     fail_mode: str = "closed"
     fail_open_budget: int = 1000
     alert_thresholds: tuple[int, ...] = (80, 90, 100)
     alert_webhook_url: str | None = None
     alert_webhook_secret: str | None = None
+    auth_secret: str | None = None
+    auth_jwks_url: str | None = None
+    auth_jwks_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    billing_host: str = "127.0.0.1"
+    billing_port: int = 3003
+    billing_rate_user_per_min: int = 20
+    billing_rate_address_per_min: int = 60
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_webhook_tolerance_s: int = 300
+    stripe_currency: str = "usd"
 
     @property
     def uses_cluster(self) -> bool:
@@ -143,9 +158,77 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         sidecar_uds=_optional(env, "SIDECAR_UDS"),
         sidecar_token=_optional(env, "SIDECAR_TOKEN"),
         admin_token=_optional(env, "ADMIN_TOKEN"),
+        sidecar_journal_dir=env.get("SIDECAR_JOURNAL_DIR") or defaults.sidecar_journal_dir,
         fail_mode=fail_mode,
         fail_open_budget=_int(env, "FAIL_OPEN_BUDGET", defaults.fail_open_budget, 0, 10**9),
         alert_thresholds=_thresholds(env),
         alert_webhook_url=_optional(env, "ALERT_WEBHOOK_URL"),
         alert_webhook_secret=_optional(env, "ALERT_WEBHOOK_SECRET"),
+        auth_secret=_optional(env, "AUTH_SECRET"),
+        auth_jwks_url=_optional(env, "AUTH_JWKS_URL"),
+        auth_jwks_algorithms=_algorithms(env),
+        auth_issuer=_optional(env, "AUTH_ISSUER"),
+        auth_audience=_optional(env, "AUTH_AUDIENCE"),
+        billing_host=env.get("BILLING_HOST") or defaults.billing_host,
+        billing_port=_int(env, "BILLING_PORT", defaults.billing_port, 1, 65535),
+        billing_rate_user_per_min=_int(
+            env, "BILLING_RATE_USER_PER_MIN", defaults.billing_rate_user_per_min, 1, 10**6
+        ),
+        billing_rate_address_per_min=_int(
+            env, "BILLING_RATE_ADDRESS_PER_MIN", defaults.billing_rate_address_per_min, 1, 10**6
+        ),
+        stripe_api_key=_optional(env, "STRIPE_API_KEY"),
+        stripe_api_base=_optional(env, "STRIPE_API_BASE"),
+        stripe_webhook_secret=_optional(env, "STRIPE_WEBHOOK_SECRET"),
+        stripe_webhook_tolerance_s=_int(
+            env, "STRIPE_WEBHOOK_TOLERANCE_S", defaults.stripe_webhook_tolerance_s, 1, 3600
+        ),
+        stripe_currency=_currency(env),
     )
+
+
+# Asymmetric algorithms a JWKS may sign with; HS256 (AUTH_SECRET) is always accepted.
+JWKS_ALGORITHMS = ("RS256", "ES256")
+AUTH_SECRET_BYTES_MIN = 32
+
+
+def _algorithms(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("AUTH_JWKS_ALGORITHMS") or ",".join(JWKS_ALGORITHMS)
+    values = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not values or any(value not in JWKS_ALGORITHMS for value in values):
+        raise SettingsError(
+            f"AUTH_JWKS_ALGORITHMS must be a list of {', '.join(JWKS_ALGORITHMS)}, got {raw!r}"
+        )
+    return values
+
+
+def _currency(env: Mapping[str, str]) -> str:
+    value = (env.get("STRIPE_CURRENCY") or "usd").lower()
+    if len(value) != 3 or not value.isalpha():
+        raise SettingsError(f"STRIPE_CURRENCY must be a 3-letter ISO code, got {value!r}")
+    return value
+
+
+def _http_url(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name} must be an http(s) URL, got {value!r}")
+
+
+def require_billing(settings: Settings) -> None:
+    """What only the billing API needs: secrets with no safe default, checked at start."""
+    if settings.auth_secret is None:
+        raise SettingsError("AUTH_SECRET is required (at least 32 bytes; HS256 session tokens)")
+    if len(settings.auth_secret.encode()) < AUTH_SECRET_BYTES_MIN:
+        raise SettingsError(
+            f"AUTH_SECRET must be at least {AUTH_SECRET_BYTES_MIN} bytes, "
+            f"got {len(settings.auth_secret.encode())}"
+        )
+    _http_url("AUTH_JWKS_URL", settings.auth_jwks_url)
+    if settings.stripe_api_key is None:
+        raise SettingsError("STRIPE_API_KEY is required (sk_live_... or sk_test_...)")
+    _http_url("STRIPE_API_BASE", settings.stripe_api_base)
+    if settings.stripe_webhook_secret is None:
+        raise SettingsError("STRIPE_WEBHOOK_SECRET is required (whsec_... from Stripe)")

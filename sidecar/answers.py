@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from quota_common.periods import unix_rfc3339
+from quota_common.periods import calendar_month, rfc3339, unix_rfc3339
 
 
 def remaining(limit: int, used: int, reserved: int) -> int:
@@ -107,3 +107,49 @@ def usage(user_id: str, answer: str) -> dict[str, Any]:
         "period_start": unix_rfc3339(ps),
         "period_end": unix_rfc3339(pe),
     }
+
+
+def degraded_reservation(
+    reservation_id: str, user_id: str, granted: int, budget: int, spent: int, ttl_ms: int
+) -> dict[str, Any]:
+    """FAIL_MODE=open while Redis is away: the outage budget stands in for the plan."""
+    start, end = calendar_month(datetime.now(UTC))
+    expires_ms = int(datetime.now(UTC).timestamp() * 1000) + ttl_ms
+    return {
+        "reservation_id": reservation_id,
+        "user_id": user_id,
+        "plan": "UNKNOWN",
+        "granted": granted,
+        "limit": budget,
+        "used": 0,
+        "reserved": spent,
+        "remaining": remaining(budget, 0, spent),
+        "period_start": rfc3339(start),
+        "period_end": rfc3339(end),
+        "expires_at": expires_rfc3339(expires_ms),
+        "replayed": False,
+        "degraded": True,
+    }
+
+
+def journalled(reservation_id: str, user_id: str, status: str, tokens: int) -> dict[str, Any]:
+    """A commit or refund kept in the journal until Redis is back: usage figures unknown."""
+    start, end = calendar_month(datetime.now(UTC))
+    body: dict[str, Any] = {
+        "reservation_id": reservation_id,
+        "user_id": user_id,
+        "status": status,
+        "plan": "UNKNOWN",
+        "limit": 0,
+        "used": 0,
+        "reserved": 0,
+        "remaining": 0,
+        "period_start": rfc3339(start),
+        "period_end": rfc3339(end),
+        "released": 0,
+        "replayed": False,
+        "degraded": True,
+    }
+    if status == "committed":
+        body.update(charged=tokens, late=False)
+    return body

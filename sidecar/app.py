@@ -1,9 +1,13 @@
 """The sidecar's Starlette application: the /v1 hot path, health, metrics and OpenAPI."""
 
+import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
@@ -26,6 +30,10 @@ from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, RequestError, check_
 from sidecar.http import JSONResponse, endpoint, http_error, read_json
 from sidecar.ledger import Ledger
 from sidecar.openapi import openapi_document
+from sidecar.outage import STORE_ERRORS, UNAVAILABLE, Journal
+
+JOURNAL_REPLAY_INTERVAL_S = 0.5
+log = logging.getLogger("sidecar")
 
 
 def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
@@ -61,6 +69,42 @@ def create_app(
     ledger = Ledger(store, database, plans, settings.alert_thresholds)
     ttl_default_ms = settings.reservation_ttl_s * 1000
     v1 = {"token": lambda: settings.sidecar_token}
+    journal = Journal(Path(settings.sidecar_journal_dir))
+
+    def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Response:
+        budget = settings.fail_open_budget
+        granted = ledger.breaker.spend_budget(user_id, tokens, min_tokens, budget)
+        if not granted:
+            raise RequestError(
+                503,
+                ErrorCode.STORE_UNAVAILABLE,
+                "the quota store is unavailable and this user's outage budget is spent",
+            )
+        metrics.DEGRADED.inc()
+        return JSONResponse(
+            answers.degraded_reservation(
+                rid, user_id, granted, budget, ledger.breaker.budgets[user_id], ttl_ms
+            )
+        )
+
+    async def replay(entry: dict[str, Any]) -> None:
+        user = user_keys(entry["user_id"])
+        if entry["op"] == "commit":
+            await ledger.commit(user, entry["reservation_id"], entry["tokens"], entry["metadata"])
+        else:
+            await ledger.refund(user, entry["reservation_id"])
+
+    async def replay_journal() -> None:
+        while True:
+            await asyncio.sleep(JOURNAL_REPLAY_INTERVAL_S)
+            if ledger.breaker.open:
+                continue
+            try:
+                replayed = await journal.replay(replay)
+            except UNAVAILABLE:
+                continue
+            if replayed:
+                log.warning("journal replayed", extra={"entries": replayed})
 
     @endpoint("reserve", **v1)
     async def reserve(request: Request) -> Response:
@@ -71,9 +115,14 @@ def create_app(
         if min_tokens > body["tokens"]:
             raise RequestError(422, ErrorCode.VALIDATION_ERROR, "min_tokens must not exceed tokens")
         ttl_ms = body["ttl_s"] * 1000 if body["ttl_s"] else ttl_default_ms
-        code, answer = await ledger.reserve(
-            user, rid, body["tokens"], min_tokens, ttl_ms, body["metadata"]
-        )
+        try:
+            code, answer = await ledger.reserve(
+                user, rid, body["tokens"], min_tokens, ttl_ms, body["metadata"]
+            )
+        except STORE_ERRORS:
+            if settings.fail_mode != "open":
+                raise
+            return fail_open(user.user_id, rid, body["tokens"], min_tokens, ttl_ms)
         if code not in (Code.OK, Code.REPLAYED):
             raise refused(code, answer, rid)
         result = answers.reservation(rid, user.user_id, answer, code == Code.REPLAYED)
@@ -97,9 +146,18 @@ def create_app(
     async def commit(request: Request) -> Response:
         body = validate(await read_json(request), COMMIT)
         user = user_keys(body["user_id"])
-        code, answer = await ledger.commit(
-            user, body["reservation_id"], body["tokens"], body["metadata"]
-        )
+        try:
+            code, answer = await ledger.commit(
+                user, body["reservation_id"], body["tokens"], body["metadata"]
+            )
+        except UNAVAILABLE:
+            journal.append({"op": "commit", **body})
+            metrics.JOURNALLED.inc()
+            return JSONResponse(
+                answers.journalled(
+                    body["reservation_id"], user.user_id, "committed", body["tokens"]
+                )
+            )
         if code not in (Code.OK, Code.REPLAYED):
             raise refused(code, answer, body["reservation_id"])
         result = answers.commit(body["reservation_id"], user.user_id, answer, code == Code.REPLAYED)
@@ -115,7 +173,14 @@ def create_app(
     async def refund(request: Request) -> Response:
         body = validate(await read_json(request), REFUND)
         user = user_keys(body["user_id"])
-        code, answer = await ledger.refund(user, body["reservation_id"])
+        try:
+            code, answer = await ledger.refund(user, body["reservation_id"])
+        except UNAVAILABLE:
+            journal.append({"op": "refund", **body})
+            metrics.JOURNALLED.inc()
+            return JSONResponse(
+                answers.journalled(body["reservation_id"], user.user_id, "refunded", 0)
+            )
         if code not in (Code.OK, Code.REPLAYED):
             raise refused(code, answer, body["reservation_id"])
         result = answers.refund(body["reservation_id"], user.user_id, answer, code == Code.REPLAYED)
@@ -156,7 +221,14 @@ def create_app(
         # Redis down at start: /readyz says so, and every call loads its script once it is back.
         with contextlib.suppress(RedisError, OSError):
             await register_all(store)
+        replayer = asyncio.create_task(replay_journal())
         yield
+        replayer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replayer
+        with contextlib.suppress(*UNAVAILABLE):
+            await journal.replay(replay)
+        journal.close()
         await store.aclose()
         await database.dispose()
 

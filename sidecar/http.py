@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,6 +14,7 @@ from starlette.responses import Response
 from quota_common.codes import ErrorCode
 from sidecar import metrics
 from sidecar.fields import RequestError
+from sidecar.outage import UNAVAILABLE
 
 BODY_BYTES_MAX = 64 * 1024
 log = logging.getLogger("sidecar")
@@ -96,7 +96,7 @@ def endpoint(
                 response = error_response(
                     error.status, error.code, error.message, headers, **error.extra
                 )
-            except (RedisError, OSError, TimeoutError) as error:
+            except UNAVAILABLE as error:
                 metrics.STORE_ERRORS.inc()
                 log.warning(
                     "store unavailable", extra={"route": route, "error": type(error).__name__}

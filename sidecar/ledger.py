@@ -12,6 +12,7 @@ from quota_common.codes import Code
 from quota_common.keys import UserKeys
 from quota_common.plans import Plan
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
+from sidecar.outage import STORE_ERRORS, Breaker
 
 
 class Ledger:
@@ -26,17 +27,29 @@ class Ledger:
         self.engine = engine
         self.plans = plans
         self.thresholds = ",".join(str(percent) for percent in alert_thresholds)
+        self.breaker = Breaker()
         self._loading: dict[str, asyncio.Task[None]] = {}
 
     async def run(
         self, script: LuaScript, user: UserKeys, keys: list[str], args: list[Any]
     ) -> tuple[Code, str]:
         """Runs an operation script; a user unknown to Redis is seeded and the call repeated."""
-        code, answer = await script(self.redis, keys, args)
+        code, answer = await self.call(script, keys, args)
         if code == Code.NOT_LOADED:
             await self.ensure_loaded(user)
-            code, answer = await script(self.redis, keys, args)
+            code, answer = await self.call(script, keys, args)
         return Code(code), answer.decode() if isinstance(answer, bytes) else answer
+
+    async def call(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        """One script call through the circuit breaker."""
+        self.breaker.check()
+        try:
+            result = await script(self.redis, keys, args)
+        except STORE_ERRORS:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return result
 
     async def ensure_loaded(self, user: UserKeys) -> None:
         # One Postgres load per user at a time in this process; the seed script makes the
@@ -51,7 +64,7 @@ class Ledger:
     async def _load(self, user: UserKeys) -> None:
         async with self.engine.connect() as conn:
             account = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
-        await SCRIPTS["seed"](self.redis, [user.state], account.script_args())
+        await self.call(SCRIPTS["seed"], [user.state], account.script_args())
 
     async def reserve(
         self,

@@ -24,3 +24,9 @@ COLD_LOADS = Counter("quota_cold_loads_total", "Users seeded into Redis from Pos
 STORE_ERRORS = Counter(
     "quota_store_errors_total", "Calls that failed because Redis did not answer."
 )
+DEGRADED = Counter(
+    "quota_degraded_grants_total", "Reserves granted from the outage budget (FAIL_MODE=open)."
+)
+JOURNALLED = Counter(
+    "quota_journalled_settlements_total", "Commits and refunds kept in the journal during outages."
+)
