@@ -13,6 +13,7 @@ from quota_common.keys import UserKeys
 from quota_common.plans import Plan
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
 from sidecar.outage import STORE_ERRORS, Breaker
+from sidecar.pipeline import ScriptPipeline
 
 
 class Ledger:
@@ -28,6 +29,7 @@ class Ledger:
         self.plans = plans
         self.thresholds = ",".join(str(percent) for percent in alert_thresholds)
         self.breaker = Breaker()
+        self.pipeline = ScriptPipeline(redis)
         self._loading: dict[str, asyncio.Task[None]] = {}
 
     async def run(
@@ -44,7 +46,7 @@ class Ledger:
         """One script call through the circuit breaker."""
         self.breaker.check()
         try:
-            result = await script(self.redis, keys, args)
+            result = await self.pipeline.call(script, keys, args)
         except STORE_ERRORS:
             self.breaker.failed()
             raise

@@ -158,3 +158,80 @@ class RedisServer:
             self.resume()
             self.proc.kill()
             self.proc.wait()
+
+
+def free_cluster_ports(count: int) -> list[int]:
+    """Ports with their cluster bus port (+10000) free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+class RedisCluster:
+    """Three masters on loopback, joined with redis-cli --cluster create."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                directory / f"node-{i}",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+            for i in range(masters)
+        ]
+        for node, port in zip(self.nodes, free_cluster_ports(masters), strict=True):
+            node.port = port
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> "RedisCluster":
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(self.healthy, 30, "cluster_state:ok on every node", interval_s=0.1)
+        return self
+
+    def cli(self, node: RedisServer, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(node.port), *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+
+    def healthy(self) -> bool:
+        return all("cluster_state:ok" in self.cli(node, "cluster", "info") for node in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
