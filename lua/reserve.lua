@@ -29,10 +29,11 @@ local fingerprint = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. metada
 local now = now_ms()
 if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
 
-local known = redis.call('HMGET', record, 'f', 'sb')
+-- An id already settled by a late commit has no fingerprint: any reserve with it conflicts.
+local known = redis.call('HMGET', record, 's', 'f', 'sb')
 if known[1] then
-  if known[1] ~= fingerprint then return {IDEMPOTENCY_CONFLICT, ''} end
-  return {REPLAYED, known[2]}
+  if known[2] ~= fingerprint then return {IDEMPOTENCY_CONFLICT, ''} end
+  return {REPLAYED, known[3]}
 end
 
 local u = usage_of(state)
