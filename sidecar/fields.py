@@ -12,6 +12,7 @@ from quota_common.codes import ErrorCode
 ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 ID_RE = re.compile(ID_PATTERN)
 METADATA_KEYS_MAX = 16
+METADATA_KEY_CHARS_MAX = 64
 METADATA_VALUE_CHARS_MAX = 256
 TOKENS_MAX = 10**9
 REASON_CHARS_MAX = 500
@@ -45,7 +46,8 @@ def invalid(message: str) -> RequestError:
 
 
 def check_id(value: object, name: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    # fullmatch: with match, "$" also matches before a trailing newline ("a\n" passed).
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise invalid(f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -")
     return value
 
@@ -66,19 +68,28 @@ def _check_metadata(value: object) -> str:
     if len(value) > METADATA_KEYS_MAX:
         raise invalid(f"metadata may have at most {METADATA_KEYS_MAX} keys")
     for key, item in value.items():
-        if not 1 <= len(key) <= 64:
-            raise invalid("metadata keys must be 1-64 characters")
-        if not isinstance(item, str) or len(item) > METADATA_VALUE_CHARS_MAX:
+        if not 1 <= len(key) <= METADATA_KEY_CHARS_MAX:
+            raise invalid(f"metadata keys must be 1-{METADATA_KEY_CHARS_MAX} characters")
+        if "\x00" in key:
+            raise invalid("metadata keys must not contain NUL characters")
+        if not isinstance(item, str) or len(item) > METADATA_VALUE_CHARS_MAX or "\x00" in item:
             raise invalid(
                 f"metadata.{key} must be a string of at most {METADATA_VALUE_CHARS_MAX} characters"
+                " without NUL"
             )
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode() if value else ""
 
 
 def _check_text(value: object, spec: Field) -> str:
-    if not isinstance(value, str) or not 1 <= len(value.strip()) <= REASON_CHARS_MAX:
+    # Postgres text cannot hold NUL; other control characters only garble the audit log.
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value.strip()) <= REASON_CHARS_MAX
+        or any(ord(c) < 32 and c not in "\t\n\r" for c in value)
+    ):
         raise invalid(
             f"{spec.name} must be a non-empty string of at most {REASON_CHARS_MAX} characters"
+            " without control characters"
         )
     return value.strip()
 
@@ -94,11 +105,15 @@ def validate(body: object, fields: tuple[Field, ...]) -> dict[str, Any]:
         raise invalid(f"unknown field: {sorted(unknown)[0]}")
     values: dict[str, Any] = {}
     for spec in fields:
-        value = body.get(spec.name)
-        if value is None:
+        if spec.name not in body:
             if spec.required:
                 raise invalid(f"{spec.name} is required")
             values[spec.name] = "" if spec.kind == "metadata" else None
+            continue
+        value = body[spec.name]
+        if value is None:
+            # null is not "absent": a client sending it has a bug worth hearing about.
+            raise invalid(f"{spec.name} must not be null (leave it out instead)")
         elif spec.kind == "id":
             values[spec.name] = check_id(value, spec.name)
         elif spec.kind == "int":

@@ -8,6 +8,7 @@ from sidecar.fields import (
     CREDITS,
     EXTEND,
     ID_PATTERN,
+    METADATA_KEY_CHARS_MAX,
     METADATA_KEYS_MAX,
     METADATA_VALUE_CHARS_MAX,
     REASON_CHARS_MAX,
@@ -27,6 +28,7 @@ def field_schema(spec: Field) -> dict[str, Any]:
         schema = {
             "type": "object",
             "maxProperties": METADATA_KEYS_MAX,
+            "propertyNames": {"minLength": 1, "maxLength": METADATA_KEY_CHARS_MAX},
             "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_CHARS_MAX},
         }
     else:
