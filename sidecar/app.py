@@ -66,7 +66,9 @@ def create_app(
     plans = catalogue(settings)
     store = redis or redis_client.connect(settings)
     database = engine or db.async_engine(settings.database_url)
-    ledger = Ledger(store, database, plans, settings.alert_thresholds)
+    ledger = Ledger(
+        store, database, plans, settings.alert_thresholds, settings.redis_timeout_ms / 1000
+    )
     ttl_default_ms = settings.reservation_ttl_s * 1000
     v1 = {"token": lambda: settings.sidecar_token}
     journal = Journal(Path(settings.sidecar_journal_dir))
@@ -229,6 +231,7 @@ def create_app(
         with contextlib.suppress(*UNAVAILABLE):
             await journal.replay(replay)
         journal.close()
+        await ledger.pipeline.aclose()
         await store.aclose()
         await database.dispose()
 

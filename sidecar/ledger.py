@@ -23,13 +23,14 @@ class Ledger:
         engine: AsyncEngine,
         plans: dict[str, Plan],
         alert_thresholds: tuple[int, ...],
+        timeout_s: float,
     ) -> None:
         self.redis = redis
         self.engine = engine
         self.plans = plans
         self.thresholds = ",".join(str(percent) for percent in alert_thresholds)
         self.breaker = Breaker()
-        self.pipeline = ScriptPipeline(redis)
+        self.pipeline = ScriptPipeline(redis, timeout_s)
         self._loading: dict[str, asyncio.Task[None]] = {}
 
     async def run(

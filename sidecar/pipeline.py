@@ -1,16 +1,23 @@
 """Script calls batched per event-loop turn.
 
 Every script call that the requests of one loop turn make is sent to Redis as one
-non-transactional pipeline (in chunks), so a burst of requests costs a few round trips and a few
-connections instead of one each. Each call is still its own atomic script: batching only shares
-the socket. A call whose script Redis lost (NOSCRIPT) is sent again on its own, which loads it.
+non-transactional pipeline (in chunks), so a burst of requests costs a few round trips instead
+of one each. Each call is still its own atomic script: batching only shares the socket. A call
+whose script Redis lost (NOSCRIPT) is sent again on its own, which loads it.
+
+On a single Redis the chunks go over a few connections this module owns, written and read
+directly (redis-py's Connection and hiredis parser) under one deadline per chunk: the pool and
+pipeline layers of redis-py cost more CPU than the script itself. On a cluster, redis-py's
+cluster pipeline routes each call by its key.
 """
 
 import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 from quota_common.scripts import AnyRedis, LuaScript
 
@@ -23,11 +30,19 @@ Call = tuple[LuaScript, Sequence[str], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptPipeline:
-    def __init__(self, redis: AnyRedis) -> None:
+    def __init__(self, redis: AnyRedis, timeout_s: float) -> None:
         self.redis = redis
+        self.timeout_s = timeout_s
         self.pending: list[Call] = []
         self.in_flight = 0
         self.flush_scheduled = False
+        self.idle: list[AbstractConnection] = []
+        if isinstance(redis, Redis):
+            options = dict(redis.connection_pool.connection_kwargs)
+            # The chunk's deadline replaces per-read timeouts (each costs a timer or a task).
+            options.update(socket_timeout=None)
+            connection_class = redis.connection_pool.connection_class
+            self.idle = [connection_class(**options) for _ in range(CHUNKS_IN_FLIGHT_MAX)]
 
     async def call(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -48,14 +63,10 @@ class ScriptPipeline:
 
     async def _send(self, chunk: list[Call]) -> None:
         try:
-            if len(chunk) == 1:
-                script, keys, args, future = chunk[0]
-                settle(future, await script(self.redis, list(keys), list(args)))
-                return
-            pipe = self.redis.pipeline(transaction=False)
-            for script, keys, args, _ in chunk:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
+            if isinstance(self.redis, RedisCluster):
+                results = await self._over_cluster(chunk)
+            else:
+                results = await self._over_connection(chunk)
             for (script, keys, args, future), result in zip(chunk, results, strict=True):
                 if isinstance(result, NoScriptError):
                     result = await script(self.redis, list(keys), list(args))
@@ -69,6 +80,39 @@ class ScriptPipeline:
             if self.pending and not self.flush_scheduled:
                 self.flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _over_connection(self, chunk: list[Call]) -> list[Any]:
+        connection = self.idle.pop()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                packed = connection.pack_commands(
+                    ("EVALSHA", script.sha, len(keys), *keys, *args)
+                    for script, keys, args, _ in chunk
+                )
+                await connection.send_packed_command(packed, check_health=False)
+                results: list[Any] = []
+                for _ in chunk:
+                    try:
+                        results.append(await connection.read_response(disconnect_on_error=False))
+                    except ResponseError as error:
+                        results.append(error)
+            return results
+        except BaseException:
+            # Half-read replies would answer the next chunk's calls: start afresh.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            self.idle.append(connection)
+
+    async def _over_cluster(self, chunk: list[Call]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args, _ in chunk:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def aclose(self) -> None:
+        for connection in self.idle:
+            await connection.disconnect()
 
 
 def settle(future: "asyncio.Future[Any]", result: Any) -> None:
