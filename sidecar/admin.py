@@ -7,8 +7,6 @@ from typing import Any
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
 from quota_common.accounts import plan_period
@@ -19,7 +17,7 @@ from quota_common.scripts import SCRIPTS
 from quota_common.settings import Settings
 from sidecar import answers
 from sidecar.fields import CREDITS, RESET, RequestError, check_id, validate
-from sidecar.http import JSONResponse, endpoint, read_json
+from sidecar.http import Answer, Call, Endpoint
 from sidecar.ledger import Ledger
 
 
@@ -39,17 +37,19 @@ async def audit(
 def admin_routes(settings: Settings, ledger: Ledger) -> list[Route]:
     token = settings.admin_token
 
-    def operator(request: Request) -> tuple[UserKeys, datetime]:
+    def admin() -> str | None:
+        return token
+
+    def operator(call: Call) -> tuple[UserKeys, datetime]:
         if token is None:
             raise RequestError(
                 404, ErrorCode.NOT_FOUND, "operator endpoints are disabled: ADMIN_TOKEN is not set"
             )
-        return user_keys(check_id(request.path_params["user_id"], "user_id")), datetime.now(UTC)
+        return user_keys(check_id(call.path_params["user_id"], "user_id")), datetime.now(UTC)
 
-    @endpoint("admin_reset", token=lambda: token)
-    async def reset(request: Request) -> Response:
-        user, now = operator(request)
-        body = validate(await read_json(request), RESET)
+    async def reset(call: Call) -> Answer:
+        user, now = operator(call)
+        body = validate(await call.json(), RESET)
         async with ledger.engine.begin() as conn:
             await lock_user(conn, user.user_id)
             _, period_start, _, _ = await plan_period(conn, user.user_id, ledger.plans, now)
@@ -71,12 +71,11 @@ def admin_routes(settings: Settings, ledger: Ledger) -> list[Route]:
             # Run inside the transaction, so its lock orders the Redis effects; a user Redis does
             # not know is seeded first and then reset, like any other call.
             _, usage_answer = await ledger.run_on_state(SCRIPTS["reset"], user)
-        return JSONResponse(answers.usage(user.user_id, usage_answer))
+        return Answer(answers.usage(user.user_id, usage_answer))
 
-    @endpoint("admin_credits", token=lambda: token)
-    async def credits(request: Request) -> Response:
-        user, now = operator(request)
-        body = validate(await read_json(request), CREDITS)
+    async def credits(call: Call) -> Answer:
+        user, now = operator(call)
+        body = validate(await call.json(), CREDITS)
         async with ledger.engine.begin() as conn:
             await lock_user(conn, user.user_id)
             _, period_start, _, _ = await plan_period(conn, user.user_id, ledger.plans, now)
@@ -104,9 +103,9 @@ def admin_routes(settings: Settings, ledger: Ledger) -> list[Route]:
             _, usage_answer = await ledger.run_on_state(
                 SCRIPTS["grant"], user, int(total or 0), int(period_start.timestamp())
             )
-        return JSONResponse(answers.usage(user.user_id, usage_answer))
+        return Answer(answers.usage(user.user_id, usage_answer))
 
     return [
-        Route("/admin/v1/users/{user_id}/reset", reset, methods=["POST"]),
-        Route("/admin/v1/users/{user_id}/credits", credits, methods=["POST"]),
+        Route("/admin/v1/users/{user_id}/reset", Endpoint("admin_reset", reset, token=admin)),
+        Route("/admin/v1/users/{user_id}/credits", Endpoint("admin_credits", credits, token=admin)),
     ]

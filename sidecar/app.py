@@ -15,8 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from quota_common import db, redis_client
 from quota_common.codes import REFUSALS, Code, ErrorCode
@@ -27,7 +28,7 @@ from quota_common.settings import Settings
 from sidecar import answers, metrics
 from sidecar.admin import admin_routes
 from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, RequestError, check_id, validate
-from sidecar.http import JSONResponse, endpoint, http_error, read_json
+from sidecar.http import Answer, Call, Endpoint, http_error
 from sidecar.ledger import Ledger
 from sidecar.openapi import openapi_document
 from sidecar.outage import STORE_ERRORS, UNAVAILABLE, Journal
@@ -62,7 +63,7 @@ def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
 
 def create_app(
     settings: Settings, redis: AnyRedis | None = None, engine: AsyncEngine | None = None
-) -> Starlette:
+) -> "HotPaths":
     plans = catalogue(settings)
     store = redis or redis_client.connect(settings)
     database = engine or db.async_engine(settings.database_url)
@@ -70,10 +71,13 @@ def create_app(
         store, database, plans, settings.alert_thresholds, settings.redis_timeout_ms / 1000
     )
     ttl_default_ms = settings.reservation_ttl_s * 1000
-    v1 = {"token": lambda: settings.sidecar_token}
+
+    def sidecar_token() -> str | None:
+        return settings.sidecar_token
+
     journal = Journal(Path(settings.sidecar_journal_dir))
 
-    def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Response:
+    def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Answer:
         budget = settings.fail_open_budget
         granted = ledger.breaker.spend_budget(user_id, tokens, min_tokens, budget)
         if not granted:
@@ -83,7 +87,7 @@ def create_app(
                 "the quota store is unavailable and this user's outage budget is spent",
             )
         metrics.DEGRADED.inc()
-        return JSONResponse(
+        return Answer(
             answers.degraded_reservation(
                 rid, user_id, granted, budget, ledger.breaker.budgets[user_id], ttl_ms
             )
@@ -108,9 +112,8 @@ def create_app(
             if replayed:
                 log.warning("journal replayed", extra={"entries": replayed})
 
-    @endpoint("reserve", **v1)
-    async def reserve(request: Request) -> Response:
-        body = validate(await read_json(request), RESERVE)
+    async def reserve(call: Call) -> Answer:
+        body = validate(await call.json(), RESERVE)
         user = user_keys(body["user_id"])
         rid = body["reservation_id"] or uuid.uuid4().hex
         min_tokens = body["min_tokens"] or 0
@@ -130,23 +133,19 @@ def create_app(
         result = answers.reservation(rid, user.user_id, answer, code == Code.REPLAYED)
         if code == Code.OK:
             metrics.GRANTED.inc(result["granted"])
-        return JSONResponse(result)
+        return Answer(result)
 
-    @endpoint("extend", **v1)
-    async def extend(request: Request) -> Response:
-        body = validate(await read_json(request), EXTEND)
+    async def extend(call: Call) -> Answer:
+        body = validate(await call.json(), EXTEND)
         user = user_keys(body["user_id"])
         ttl_ms = body["ttl_s"] * 1000 if body["ttl_s"] else 0
         code, answer = await ledger.extend(user, body["reservation_id"], body["tokens"], ttl_ms)
         if code != Code.OK:
             raise refused(code, answer, body["reservation_id"])
-        return JSONResponse(
-            answers.reservation(body["reservation_id"], user.user_id, answer, False)
-        )
+        return Answer(answers.reservation(body["reservation_id"], user.user_id, answer, False))
 
-    @endpoint("commit", **v1)
-    async def commit(request: Request) -> Response:
-        body = validate(await read_json(request), COMMIT)
+    async def commit(call: Call) -> Answer:
+        body = validate(await call.json(), COMMIT)
         user = user_keys(body["user_id"])
         try:
             code, answer = await ledger.commit(
@@ -155,7 +154,7 @@ def create_app(
         except UNAVAILABLE:
             journal.append({"op": "commit", **body})
             metrics.JOURNALLED.inc()
-            return JSONResponse(
+            return Answer(
                 answers.journalled(
                     body["reservation_id"], user.user_id, "committed", body["tokens"]
                 )
@@ -169,32 +168,28 @@ def create_app(
             held = result["charged"] + result["released"]
             if held and not result["late"]:
                 metrics.CHARGE_RATIO.observe(result["charged"] / held)
-        return JSONResponse(result)
+        return Answer(result)
 
-    @endpoint("refund", **v1)
-    async def refund(request: Request) -> Response:
-        body = validate(await read_json(request), REFUND)
+    async def refund(call: Call) -> Answer:
+        body = validate(await call.json(), REFUND)
         user = user_keys(body["user_id"])
         try:
             code, answer = await ledger.refund(user, body["reservation_id"])
         except UNAVAILABLE:
             journal.append({"op": "refund", **body})
             metrics.JOURNALLED.inc()
-            return JSONResponse(
-                answers.journalled(body["reservation_id"], user.user_id, "refunded", 0)
-            )
+            return Answer(answers.journalled(body["reservation_id"], user.user_id, "refunded", 0))
         if code not in (Code.OK, Code.REPLAYED):
             raise refused(code, answer, body["reservation_id"])
         result = answers.refund(body["reservation_id"], user.user_id, answer, code == Code.REPLAYED)
         if code == Code.OK and result["status"] == "refunded":
             metrics.RELEASED.inc(result["released"])
-        return JSONResponse(result)
+        return Answer(result)
 
-    @endpoint("usage", **v1)
-    async def usage(request: Request) -> Response:
-        user = user_keys(check_id(request.path_params["user_id"], "user_id"))
+    async def usage(call: Call) -> Answer:
+        user = user_keys(check_id(call.path_params["user_id"], "user_id"))
         _, answer = await ledger.usage(user)
-        return JSONResponse(answers.usage(user.user_id, answer))
+        return Answer(answers.usage(user.user_id, answer))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -235,12 +230,18 @@ def create_app(
         await store.aclose()
         await database.dispose()
 
+    hot = {
+        f"/v1/{name}": Endpoint(name, handler, token=sidecar_token)
+        for name, handler in (
+            ("reserve", reserve),
+            ("extend", extend),
+            ("commit", commit),
+            ("refund", refund),
+        )
+    }
     routes = [
-        Route("/v1/reserve", reserve, methods=["POST"]),
-        Route("/v1/extend", extend, methods=["POST"]),
-        Route("/v1/commit", commit, methods=["POST"]),
-        Route("/v1/refund", refund, methods=["POST"]),
-        Route("/v1/usage/{user_id}", usage, methods=["GET"]),
+        *(Route(path, app) for path, app in hot.items()),
+        Route("/v1/usage/{user_id}", Endpoint("usage", usage, ("GET",), sidecar_token)),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
@@ -250,5 +251,20 @@ def create_app(
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
-    app.state.ledger = ledger
-    return app
+    return HotPaths(app, hot)
+
+
+class HotPaths:
+    """Sends the hot routes straight to their handlers; everything else (and the lifespan)
+    goes through Starlette's router and middleware."""
+
+    def __init__(self, app: Starlette, hot: dict[str, Endpoint]) -> None:
+        self.app = app
+        self.hot = hot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.hot.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

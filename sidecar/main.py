@@ -8,6 +8,11 @@ from quota_common import logs
 from quota_common import settings as settings_module
 from sidecar.app import create_app
 
+# Idle keep-alive connections are kept longer than clients keep theirs (httpx: 5 s), so a
+# client never sends a request on a connection the sidecar is closing at the same moment
+# (uvicorn's default is also 5 s: that race surfaced as sporadic ReadErrors under load).
+KEEP_ALIVE_S = 75
+
 
 def main() -> None:
     try:
@@ -24,6 +29,7 @@ def main() -> None:
             access_log=False,
             loop="uvloop",
             http="httptools",
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
     else:
         uvicorn.run(
@@ -34,4 +40,5 @@ def main() -> None:
             access_log=False,
             loop="uvloop",
             http="httptools",
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
