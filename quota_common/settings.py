@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -53,6 +54,21 @@ class Settings:
     stripe_webhook_secret: str | None = None
     stripe_webhook_tolerance_s: int = 300
     stripe_currency: str = "usd"
+    # Sync worker (sync_worker/): metrics and health address, batch bounds and timings.
+    sync_worker_host: str = "127.0.0.1"
+    sync_worker_port: int = 8701
+    sync_batch_size: int = 10_000
+    sync_poll_interval_ms: int = 50
+    sync_claim_idle_ms: int = 30_000
+    sync_redis_timeout_ms: int = 5000
+    sync_reap_interval_ms: int = 1000
+    sync_plan_refresh_s: int = 60
+    sync_drift_interval_s: int = 30
+    sync_drift_window_s: int = 86_400
+    alert_webhook_timeout_ms: int = 5000
+    alert_webhook_backoff_ms: int = 1000
+    alert_webhook_backoff_max_ms: int = 300_000
+    alert_webhook_attempts_max: int = 30
 
     @property
     def uses_cluster(self) -> bool:
@@ -183,7 +199,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         stripe_webhook_tolerance_s=_int(
             env, "STRIPE_WEBHOOK_TOLERANCE_S", defaults.stripe_webhook_tolerance_s, 1, 3600
         ),
-        stripe_currency=_currency(env),
+        stripe_currency=(env.get("STRIPE_CURRENCY") or "usd").lower(),
+        **_sync_worker(env),
     )
 
 
@@ -194,19 +211,7 @@ AUTH_SECRET_BYTES_MIN = 32
 
 def _algorithms(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("AUTH_JWKS_ALGORITHMS") or ",".join(JWKS_ALGORITHMS)
-    values = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
-    if not values or any(value not in JWKS_ALGORITHMS for value in values):
-        raise SettingsError(
-            f"AUTH_JWKS_ALGORITHMS must be a list of {', '.join(JWKS_ALGORITHMS)}, got {raw!r}"
-        )
-    return values
-
-
-def _currency(env: Mapping[str, str]) -> str:
-    value = (env.get("STRIPE_CURRENCY") or "usd").lower()
-    if len(value) != 3 or not value.isalpha():
-        raise SettingsError(f"STRIPE_CURRENCY must be a 3-letter ISO code, got {value!r}")
-    return value
+    return tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
 
 
 def _http_url(name: str, value: str | None) -> None:
@@ -227,8 +232,65 @@ def require_billing(settings: Settings) -> None:
             f"got {len(settings.auth_secret.encode())}"
         )
     _http_url("AUTH_JWKS_URL", settings.auth_jwks_url)
+    algorithms = settings.auth_jwks_algorithms
+    if not algorithms or any(value not in JWKS_ALGORITHMS for value in algorithms):
+        raise SettingsError(
+            f"AUTH_JWKS_ALGORITHMS must be a list of {', '.join(JWKS_ALGORITHMS)}, "
+            f"got {','.join(algorithms)!r}"
+        )
     if settings.stripe_api_key is None:
         raise SettingsError("STRIPE_API_KEY is required (sk_live_... or sk_test_...)")
     _http_url("STRIPE_API_BASE", settings.stripe_api_base)
     if settings.stripe_webhook_secret is None:
         raise SettingsError("STRIPE_WEBHOOK_SECRET is required (whsec_... from Stripe)")
+    currency = settings.stripe_currency
+    if len(currency) != 3 or not currency.isalpha():
+        raise SettingsError(f"STRIPE_CURRENCY must be a 3-letter ISO code, got {currency!r}")
+
+
+def _sync_worker(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings of the sync worker, each bounded so a typo cannot stall or flood it."""
+    d = Settings()
+    return {
+        "sync_worker_host": env.get("SYNC_WORKER_HOST") or d.sync_worker_host,
+        "sync_worker_port": _int(env, "SYNC_WORKER_PORT", d.sync_worker_port, 0, 65535),
+        "sync_batch_size": _int(env, "SYNC_BATCH_SIZE", d.sync_batch_size, 1, 100_000),
+        "sync_poll_interval_ms": _int(
+            env, "SYNC_POLL_INTERVAL_MS", d.sync_poll_interval_ms, 1, 60_000
+        ),
+        "sync_claim_idle_ms": _int(
+            env, "SYNC_CLAIM_IDLE_MS", d.sync_claim_idle_ms, 100, 86_400_000
+        ),
+        "sync_redis_timeout_ms": _int(
+            env, "SYNC_REDIS_TIMEOUT_MS", d.sync_redis_timeout_ms, 100, 600_000
+        ),
+        "sync_reap_interval_ms": _int(
+            env, "SYNC_REAP_INTERVAL_MS", d.sync_reap_interval_ms, 10, 3_600_000
+        ),
+        "sync_plan_refresh_s": _int(env, "SYNC_PLAN_REFRESH_S", d.sync_plan_refresh_s, 1, 86_400),
+        "sync_drift_interval_s": _int(
+            env, "SYNC_DRIFT_INTERVAL_S", d.sync_drift_interval_s, 1, 86_400
+        ),
+        "sync_drift_window_s": _int(
+            env, "SYNC_DRIFT_WINDOW_S", d.sync_drift_window_s, 1, 31 * 86_400
+        ),
+        "alert_webhook_timeout_ms": _int(
+            env, "ALERT_WEBHOOK_TIMEOUT_MS", d.alert_webhook_timeout_ms, 10, 60_000
+        ),
+        "alert_webhook_backoff_ms": _int(
+            env, "ALERT_WEBHOOK_BACKOFF_MS", d.alert_webhook_backoff_ms, 10, 3_600_000
+        ),
+        "alert_webhook_backoff_max_ms": _int(
+            env, "ALERT_WEBHOOK_BACKOFF_MAX_MS", d.alert_webhook_backoff_max_ms, 10, 86_400_000
+        ),
+        "alert_webhook_attempts_max": _int(
+            env, "ALERT_WEBHOOK_ATTEMPTS_MAX", d.alert_webhook_attempts_max, 1, 1000
+        ),
+    }
+
+
+def require_sync_worker(settings: Settings) -> None:
+    """What only the sync worker needs: a webhook URL is only useful with a secret to sign."""
+    _http_url("ALERT_WEBHOOK_URL", settings.alert_webhook_url)
+    if settings.alert_webhook_url is not None and not settings.alert_webhook_secret:
+        raise SettingsError("ALERT_WEBHOOK_SECRET is required when ALERT_WEBHOOK_URL is set")

@@ -1,0 +1,1 @@
+"""The billing API: users buy plans through Stripe and their quota follows."""

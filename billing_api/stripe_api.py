@@ -1,0 +1,180 @@
+"""Every Stripe call the billing API makes, through the official SDK's async client.
+
+Plans are Stripe Plans (not Prices: localstripe has no Prices API, and Plans work on both), one
+per paid plan, price and currency, with ids derived from those so a price change makes a new
+plan and old subscriptions keep theirs. Each plan carries `metadata.quota_plan`, which is how a
+subscription item is mapped back to our plan name whatever its price. Create calls carry
+idempotency keys made from our own ids, so a retried request never makes a second object.
+
+Objects are returned as plain dicts (`to_dict()`): SDK objects are not dicts, and the fields
+that moved between API versions (periods on items or on the subscription) are read in one place.
+"""
+
+from typing import Any, cast
+
+import stripe
+
+from quota_common.plans import PAID_PLANS, Plan
+from quota_common.settings import Settings
+
+Obj = dict[str, Any]
+TIMEOUT_S = 20
+
+
+def client(settings: Settings) -> stripe.StripeClient:
+    base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(
+        settings.stripe_api_key or "",
+        base_addresses=cast(Any, base),
+        # Retrying is the caller's choice (idempotency keys make it safe); the SDK's own retries
+        # would hold a user's request, and a per-user lock, for seconds.
+        max_network_retries=0,
+        http_client=stripe.HTTPXClient(timeout=TIMEOUT_S),
+    )
+
+
+def plan_id(plan: Plan, currency: str) -> str:
+    return f"quota_{plan.name.lower()}_{plan.price_cents}_{currency}_month"
+
+
+def plan_name(stripe_plan: Obj | None) -> str | None:
+    """Our plan name for a Stripe plan, from the metadata we gave it."""
+    if not stripe_plan:
+        return None
+    name = (stripe_plan.get("metadata") or {}).get("quota_plan")
+    return name if name in PAID_PLANS else None
+
+
+async def ensure_plan(api: stripe.StripeClient, plan: Plan, currency: str) -> str:
+    """The Stripe plan id of a paid plan, created when Stripe does not have it yet. Looked up
+    on every use (subscribe and change are rare) so a plan deleted in Stripe comes back."""
+    pid = plan_id(plan, currency)
+    try:
+        await api.v1.plans.retrieve_async(pid)
+    except stripe.InvalidRequestError as error:
+        if error.http_status != 404:
+            raise
+        params: Any = {
+            "id": pid,
+            "amount": plan.price_cents,
+            "currency": currency,
+            "interval": "month",
+            "product": {"name": f"Quota {plan.name}"},
+            "metadata": {"quota_plan": plan.name},
+        }
+        await api.v1.plans.create_async(params, {"idempotency_key": f"quota-plan-{pid}"})
+    return pid
+
+
+async def create_customer(api: stripe.StripeClient, user_id: str) -> str:
+    params: Any = {"metadata": {"user_id": user_id}}
+    customer = await api.v1.customers.create_async(
+        params, {"idempotency_key": f"quota-customer-{user_id}"}
+    )
+    return str(customer.id)
+
+
+async def set_payment_method(
+    api: stripe.StripeClient, customer_id: str, payment_method: str
+) -> None:
+    """Attaches the card and makes it the one invoices charge (localstripe refuses a
+    subscription's own default_payment_method; the customer's default works on both)."""
+    attached = await api.v1.payment_methods.attach_async(
+        payment_method, cast(Any, {"customer": customer_id})
+    )
+    params: Any = {"invoice_settings": {"default_payment_method": attached.id}}
+    await api.v1.customers.update_async(customer_id, params)
+
+
+async def create_subscription(
+    api: stripe.StripeClient, customer_id: str, user_id: str, stripe_plan: str, attempt: str
+) -> Obj:
+    params: Any = {
+        "customer": customer_id,
+        "items": [{"plan": stripe_plan}],
+        "metadata": {"user_id": user_id},
+        "expand": ["latest_invoice"],
+    }
+    subscription = await api.v1.subscriptions.create_async(
+        params, {"idempotency_key": f"quota-subscribe-{user_id}-{attempt}"}
+    )
+    return subscription.to_dict()
+
+
+async def change_plan(api: stripe.StripeClient, subscription: Obj, stripe_plan: str) -> Obj:
+    """Swaps the subscription's one item to the new plan. proration_behavior is left out on
+    purpose: Stripe's default prorates, and localstripe fails when it is given."""
+    item = subscription["items"]["data"][0]
+    params: Any = {"items": [{"id": item["id"], "plan": stripe_plan}]}
+    updated = await api.v1.subscriptions.update_async(subscription["id"], params)
+    return updated.to_dict()
+
+
+async def cancel_at_period_end(api: stripe.StripeClient, subscription_id: str) -> Obj:
+    params: Any = {"cancel_at_period_end": True}
+    updated = await api.v1.subscriptions.update_async(subscription_id, params)
+    return updated.to_dict()
+
+
+async def cancel_now(api: stripe.StripeClient, subscription_id: str) -> Obj:
+    return (await api.v1.subscriptions.cancel_async(subscription_id)).to_dict()
+
+
+async def retrieve_subscription(api: stripe.StripeClient, subscription_id: str) -> Obj | None:
+    """The subscription as Stripe holds it now; None when Stripe does not know it."""
+    try:
+        return (await api.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
+    except stripe.InvalidRequestError as error:
+        if error.http_status == 404:
+            return None
+        raise
+
+
+async def retrieve_invoice(api: stripe.StripeClient, invoice_id: str) -> Obj | None:
+    try:
+        return (await api.v1.invoices.retrieve_async(invoice_id)).to_dict()
+    except stripe.InvalidRequestError as error:
+        if error.http_status == 404:
+            return None
+        raise
+
+
+def object_id(value: object) -> str | None:
+    """An id field that may hold the id or the expanded object."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str):
+        return str(value["id"])
+    return None
+
+
+def subscription_period(subscription: Obj) -> tuple[int, int]:
+    """(start, end) unix seconds. From API 2025 on the period sits on the items; older API
+    versions and localstripe have it on the subscription only."""
+    items = (subscription.get("items") or {}).get("data") or []
+    item = items[0] if items else {}
+    start = item.get("current_period_start") or subscription.get("current_period_start")
+    end = item.get("current_period_end") or subscription.get("current_period_end")
+    return int(start or 0), int(end or 0)
+
+
+def subscription_plan(subscription: Obj) -> str | None:
+    items = (subscription.get("items") or {}).get("data") or []
+    return plan_name(items[0].get("plan")) if items else None
+
+
+def invoice_subscription(invoice: Obj) -> str | None:
+    """The invoice's subscription id: `subscription` before API 2025, `parent` after."""
+    found = object_id(invoice.get("subscription"))
+    if found:
+        return found
+    parent = invoice.get("parent") or {}
+    return object_id((parent.get("subscription_details") or {}).get("subscription"))
+
+
+def invoice_plan(invoice: Obj) -> str | None:
+    for line in (invoice.get("lines") or {}).get("data") or []:
+        name = plan_name(line.get("plan"))
+        if name:
+            return name
+    return None

@@ -1,0 +1,144 @@
+"""Helpers of the billing tests: starting quota-billing-api, session tokens, hand-made JWTs,
+signed Stripe events, and polling a condition with a deadline."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import stripe
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.servers import Process, free_port
+
+AUTH_SECRET = "test-auth-secret-that-is-long-enough-0123456789"
+ISSUER = "https://auth.test"
+AUDIENCE = "quota-billing"
+WEBHOOK_SECRET = "whsec_test_billing_secret"
+STRIPE_KEY = "sk_test_billing"
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.02
+) -> float:
+    """Polls `check` until it is true; the seconds it took. A deadline, not a sleep."""
+    started = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+def token(user_id: str | None, **claims: Any) -> str:
+    """A valid HS256 session token; `claims` override or (with None) remove claims."""
+    payload: dict[str, Any] = {
+        "sub": user_id,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "exp": int(time.time()) + 600,
+        "iat": int(time.time()),
+    }
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, AUTH_SECRET, algorithm="HS256")
+
+
+def auth(user_id: str, **claims: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(user_id, **claims)}"}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made_token(header: dict[str, Any], payload: dict[str, Any], key: bytes | None) -> str:
+    """A JWT signed with HMAC-SHA256 under any key (pyjwt refuses some on purpose), or
+    unsigned when `key` is None."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    if key is None:
+        return f"{signing_input}."
+    signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def sign(payload: str, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
+    header: str = stripe.WebhookSignature.generate_signature_header(
+        payload, secret, int(time.time()) if timestamp is None else timestamp
+    )
+    return header
+
+
+async def send_event(
+    client: httpx.AsyncClient,
+    event_type: str,
+    obj: dict[str, Any],
+    event_id: str | None = None,
+    created: int | None = None,
+    secret: str = WEBHOOK_SECRET,
+    timestamp: int | None = None,
+) -> httpx.Response:
+    """An event localstripe never sends, signed as Stripe signs them."""
+    event = {
+        "id": event_id or f"evt_test_{time.monotonic_ns()}",
+        "object": "event",
+        "type": event_type,
+        "created": created or int(time.time()),
+        "data": {"object": obj},
+    }
+    payload = json.dumps(event)
+    return await client.post(
+        "/api/webhooks/stripe",
+        content=payload,
+        headers={
+            "Content-Type": "application/json",
+            "Stripe-Signature": sign(payload, secret, timestamp),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Keys:
+    rsa: rsa.RSAPrivateKey
+    ec: ec.EllipticCurvePrivateKey
+    url: str
+
+
+def billing_env(base_env: dict[str, str], stripe_url: str, keys: Keys, port: int) -> dict[str, str]:
+    return {
+        **base_env,
+        "AUTH_SECRET": AUTH_SECRET,
+        "AUTH_JWKS_URL": keys.url,
+        "AUTH_ISSUER": ISSUER,
+        "AUTH_AUDIENCE": AUDIENCE,
+        "STRIPE_API_KEY": STRIPE_KEY,
+        "STRIPE_API_BASE": stripe_url,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BILLING_PORT": str(port),
+        # The suite makes many calls from one address; the limit has its own test.
+        "BILLING_RATE_USER_PER_MIN": "100000",
+        "BILLING_RATE_ADDRESS_PER_MIN": "100000",
+    }
+
+
+def start_billing(
+    base_env: dict[str, str], logs_dir: Path, stripe_url: str, keys: Keys, **env: str
+) -> tuple[Process, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = Process(
+        "quota-billing-api",
+        {**billing_env(base_env, stripe_url, keys, port), **env},
+        logs_dir / f"billing-{port}.log",
+        ready_url=f"{url}/health",
+    ).start()
+    return process, url

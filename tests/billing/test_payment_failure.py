@@ -1,0 +1,168 @@
+"""Failed payments: a first payment that fails leaves the user on FREE until one succeeds; a
+renewal that fails keeps the paid plan while Stripe retries (past_due), and when Stripe gives
+up and ends the subscription the user is back on FREE."""
+
+import httpx
+import stripe
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from quota_common.schema import subscriptions
+from tests.api import usage
+from tests.billing.helpers import auth, eventually, send_event
+
+
+async def status_of(pg: AsyncEngine, subscription_id: str) -> str | None:
+    async with pg.connect() as conn:
+        found = await conn.scalar(
+            select(subscriptions.c.status).where(
+                subscriptions.c.stripe_subscription_id == subscription_id
+            )
+        )
+    return str(found) if found else None
+
+
+async def test_first_payment_declined_then_paid_with_another_card(
+    billing: httpx.AsyncClient,
+    http: httpx.AsyncClient,
+    stripe_client: stripe.StripeClient,
+    pg: AsyncEngine,
+) -> None:
+    user = "pay-1"
+    headers = auth(user)
+    reply = await billing.post(
+        "/api/subscribe",
+        json={"plan": "PLUS", "payment_method": "pm_card_chargeCustomerFail"},
+        headers=headers,
+    )
+    assert reply.status_code == 402, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "payment_failed" and error["subscription_status"] == "incomplete"
+    failed_id = error["subscription_id"]
+
+    reply = await billing.get("/api/subscription", headers=headers)
+    assert reply.json()["subscription"]["plan"] == "FREE"
+    assert (await usage(http, user))["limit"] == 100_000
+    payments = (await billing.get("/api/payments", headers=headers)).json()["payments"]
+    assert [p["status"] for p in payments] == ["failed"]
+
+    # Stripe reports the failure by webhook too (localstripe does not): nothing changes.
+    invoice = (await stripe_client.v1.subscriptions.retrieve_async(failed_id)).latest_invoice
+    assert isinstance(invoice, str)
+    failed_invoice = (await stripe_client.v1.invoices.retrieve_async(invoice)).to_dict()
+    reply = await send_event(billing, "invoice.payment_failed", failed_invoice)
+    assert reply.status_code == 200 and reply.json()["applied"] is True
+    assert (await usage(http, user))["limit"] == 100_000
+
+    reply = await billing.post(
+        "/api/subscribe", json={"plan": "PLUS", "payment_method": "pm_card_visa"}, headers=headers
+    )
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["subscription"]["plan"] == "PLUS"
+    assert (await usage(http, user))["limit"] == 1_000_000
+    # The incomplete subscription was closed, not left to be paid by accident later.
+    assert (await stripe_client.v1.subscriptions.retrieve_async(failed_id)).status == "canceled"
+    assert await status_of(pg, failed_id) == "canceled"
+
+
+async def test_subscribe_without_any_payment_method_is_402(billing: httpx.AsyncClient) -> None:
+    headers = auth("pay-2")
+    reply = await billing.post("/api/subscribe", json={"plan": "PLUS"}, headers=headers)
+    assert reply.status_code == 402, reply.text
+    assert reply.json()["error"]["code"] == "payment_failed"
+    reply = await billing.post(
+        "/api/subscribe",
+        json={"plan": "PLUS", "payment_method": "pm_card_visa_chargeDeclined"},
+        headers=headers,
+    )
+    assert reply.status_code == 402, reply.text
+    reply = await billing.get("/api/subscription", headers=headers)
+    assert reply.json()["subscription"]["plan"] == "FREE"
+
+
+async def test_renewal_failure_keeps_the_plan_while_stripe_retries(
+    billing: httpx.AsyncClient,
+    http: httpx.AsyncClient,
+    stripe_client: stripe.StripeClient,
+    pg: AsyncEngine,
+) -> None:
+    user = "pay-3"
+    headers = auth(user)
+    reply = await billing.post(
+        "/api/subscribe", json={"plan": "PLUS", "payment_method": "pm_card_visa"}, headers=headers
+    )
+    assert reply.status_code == 201, reply.text
+    subscription_id = reply.json()["subscription"]["id"]
+    customer = (await stripe_client.v1.subscriptions.retrieve_async(subscription_id)).customer
+    assert isinstance(customer, str)
+
+    # The card on file starts failing, then a charge comes due. localstripe bills at once only
+    # when the billing interval changes, so the renewal is a move to a yearly PLUS plan.
+    card = await stripe_client.v1.payment_methods.attach_async(
+        "pm_card_chargeCustomerFail", {"customer": customer}
+    )
+    await stripe_client.v1.customers.update_async(
+        customer, {"invoice_settings": {"default_payment_method": card.id}}
+    )
+    await stripe_client.v1.plans.create_async(
+        {
+            "id": "test_plus_yearly",
+            "amount": 9900,
+            "currency": "usd",
+            "interval": "year",
+            "product": {"name": "PLUS yearly"},
+            "metadata": {"quota_plan": "PLUS"},
+        }
+    )
+    current = await stripe_client.v1.subscriptions.retrieve_async(subscription_id)
+    renewed = await stripe_client.v1.subscriptions.update_async(
+        subscription_id,
+        {"items": [{"id": current["items"].data[0].id, "plan": "test_plus_yearly"}]},
+    )
+    assert renewed.status == "past_due"
+    assert isinstance(renewed.latest_invoice, str)
+    invoice = (await stripe_client.v1.invoices.retrieve_async(renewed.latest_invoice)).to_dict()
+    assert invoice["status"] == "open"
+
+    # Stripe says the payment failed (localstripe does not send this one).
+    reply = await send_event(billing, "invoice.payment_failed", invoice)
+    assert reply.status_code == 200 and reply.json()["applied"] is True
+    assert await status_of(pg, subscription_id) == "past_due"
+    subscription = (await billing.get("/api/subscription", headers=headers)).json()
+    assert subscription["subscription"]["status"] == "past_due"
+    assert subscription["subscription"]["plan"] == "PLUS"
+    assert (await usage(http, user))["limit"] == 1_000_000
+    statuses = {
+        p["id"]: p["status"]
+        for p in (await billing.get("/api/payments", headers=headers)).json()["payments"]
+    }
+    assert statuses[invoice["id"]] == "failed"
+
+    # Recovery: a working card, and Stripe's retry pays the invoice (localstripe sends
+    # invoice.payment_succeeded itself).
+    card = await stripe_client.v1.payment_methods.attach_async(
+        "pm_card_visa", {"customer": customer}
+    )
+    await stripe_client.v1.customers.update_async(
+        customer, {"invoice_settings": {"default_payment_method": card.id}}
+    )
+    await stripe_client.v1.invoices.pay_async(invoice["id"])
+
+    async def paid_and_active() -> bool:
+        listed = (await billing.get("/api/payments", headers=headers)).json()["payments"]
+        statuses = {p["id"]: p["status"] for p in listed}
+        return (
+            statuses[invoice["id"]] == "succeeded"
+            and await status_of(pg, subscription_id) == "active"
+        )
+
+    await eventually(paid_and_active, 10, "invoice.payment_succeeded of the retried payment")
+    assert (await usage(http, user))["limit"] == 1_000_000
+
+    # Had the retries all failed, Stripe would end the subscription: FREE at once.
+    await stripe_client.v1.subscriptions.cancel_async(subscription_id)
+
+    async def free() -> bool:
+        return bool((await usage(http, user))["limit"] == 100_000)
+
+    await eventually(free, 10, "customer.subscription.deleted")

@@ -1,0 +1,174 @@
+"""Stripe webhooks: forged and stale signatures refused, a replayed event applied once, events
+out of order leaving what Stripe holds last, and changes made in Stripe itself picked up."""
+
+import json
+import time
+from typing import Any
+
+import httpx
+import stripe
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from quota_common.schema import stripe_events, subscriptions
+from tests.api import usage
+from tests.billing.helpers import auth, send_event, sign
+
+
+async def subscribed(
+    billing: httpx.AsyncClient, stripe_client: stripe.StripeClient, user: str, plan: str
+) -> dict[str, Any]:
+    reply = await billing.post(
+        "/api/subscribe", json={"plan": plan, "payment_method": "pm_card_visa"}, headers=auth(user)
+    )
+    assert reply.status_code == 201, reply.text
+    found = await stripe_client.v1.subscriptions.retrieve_async(reply.json()["subscription"]["id"])
+    return found.to_dict()
+
+
+async def stored(pg: AsyncEngine, *event_ids: str) -> int:
+    """How many of these events are recorded (localstripe's late events from earlier tests may
+    land in the table too, so the tests count their own)."""
+    async with pg.connect() as conn:
+        found = await conn.scalar(
+            select(func.count())
+            .select_from(stripe_events)
+            .where(stripe_events.c.event_id.in_(event_ids))
+        )
+    return int(found or 0)
+
+
+async def test_forged_stale_and_missing_signatures_are_400(
+    billing: httpx.AsyncClient, pg: AsyncEngine
+) -> None:
+    obj = {"id": "sub_forged", "object": "subscription", "customer": "cus_x"}
+    forged = await send_event(
+        billing, "customer.subscription.deleted", obj, "evt_forged", secret="whsec_wrong"
+    )
+    stale = await send_event(
+        billing, "customer.subscription.deleted", obj, "evt_stale", timestamp=int(time.time()) - 301
+    )
+    for reply in (forged, stale):
+        assert reply.status_code == 400
+        assert reply.json()["error"]["code"] == "bad_signature"
+
+    payload = json.dumps({"id": "evt_1", "type": "x", "data": {"object": obj}})
+    missing = await billing.post(
+        "/api/webhooks/stripe", content=payload, headers={"Content-Type": "application/json"}
+    )
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "bad_signature"
+    tampered = await billing.post(
+        "/api/webhooks/stripe",
+        content=payload.replace("evt_1", "evt_2"),
+        headers={"Stripe-Signature": sign(payload)},
+    )
+    assert tampered.status_code == 400
+    garbage = "not json at all"
+    not_json = await billing.post(
+        "/api/webhooks/stripe", content=garbage, headers={"Stripe-Signature": sign(garbage)}
+    )
+    assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
+    shapeless = json.dumps({"id": "evt_3", "type": "customer.subscription.updated"})
+    no_object = await billing.post(
+        "/api/webhooks/stripe", content=shapeless, headers={"Stripe-Signature": sign(shapeless)}
+    )
+    assert no_object.status_code == 422
+    assert await stored(pg, "evt_forged", "evt_stale", "evt_1", "evt_2", "evt_3") == 0
+
+
+async def test_a_replayed_event_is_applied_once(
+    billing: httpx.AsyncClient, stripe_client: stripe.StripeClient, pg: AsyncEngine
+) -> None:
+    subscription = await subscribed(billing, stripe_client, "hook-1", "PLUS")
+    first = await send_event(
+        billing, "customer.subscription.updated", subscription, event_id="evt_replayed_1"
+    )
+    assert first.status_code == 200 and first.json()["applied"] is True
+    second = await send_event(
+        billing, "customer.subscription.updated", subscription, event_id="evt_replayed_1"
+    )
+    assert second.status_code == 200
+    assert second.json()["applied"] is False and second.json()["replayed"] is True
+    assert await stored(pg, "evt_replayed_1") == 1
+
+
+async def test_events_out_of_order_leave_the_state_stripe_holds_last(
+    billing: httpx.AsyncClient,
+    http: httpx.AsyncClient,
+    stripe_client: stripe.StripeClient,
+    pg: AsyncEngine,
+) -> None:
+    user = "hook-2"
+    as_plus = await subscribed(billing, stripe_client, user, "PLUS")
+    reply = await billing.post("/api/change-plan", json={"plan": "PRO"}, headers=auth(user))
+    assert reply.status_code == 200, reply.text
+    as_pro = (await stripe_client.v1.subscriptions.retrieve_async(as_plus["id"])).to_dict()
+    now = int(time.time())
+
+    # The newer event arrives first, then the older one still showing PLUS.
+    newer = await send_event(billing, "customer.subscription.updated", as_pro, created=now)
+    older = await send_event(billing, "customer.subscription.updated", as_plus, created=now - 60)
+    assert newer.status_code == older.status_code == 200
+
+    reply = await billing.get("/api/subscription", headers=auth(user))
+    assert reply.json()["subscription"]["plan"] == "PRO"
+    assert (await usage(http, user))["limit"] == 5_000_000
+
+    # A "created" event long after the deletion does not bring the subscription back.
+    await stripe_client.v1.subscriptions.cancel_async(as_plus["id"])
+    deleted = (await stripe_client.v1.subscriptions.retrieve_async(as_plus["id"])).to_dict()
+    await send_event(billing, "customer.subscription.deleted", deleted, created=now + 1)
+    await send_event(billing, "customer.subscription.created", as_plus, created=now - 120)
+    async with pg.connect() as conn:
+        status = await conn.scalar(
+            select(subscriptions.c.status).where(
+                subscriptions.c.stripe_subscription_id == as_plus["id"]
+            )
+        )
+    assert status == "canceled"
+    assert (await usage(http, user))["limit"] == 100_000
+
+
+async def test_a_change_made_in_stripe_is_picked_up_from_its_event(
+    billing: httpx.AsyncClient, http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    user = "hook-3"
+    subscription = await subscribed(billing, stripe_client, user, "PRO")
+    # An operator schedules the cancellation in Stripe's dashboard; localstripe sends no event
+    # for it, Stripe sends customer.subscription.updated.
+    changed = await stripe_client.v1.subscriptions.update_async(
+        subscription["id"], {"cancel_at_period_end": True}
+    )
+    reply = await send_event(billing, "customer.subscription.updated", changed.to_dict())
+    assert reply.status_code == 200 and reply.json()["applied"] is True
+    view = (await billing.get("/api/subscription", headers=auth(user))).json()["subscription"]
+    assert view["plan"] == "PRO" and view["cancel_at_period_end"] is True
+    assert (await usage(http, user))["limit"] == 5_000_000
+
+
+async def test_events_of_unknown_customers_and_types_are_acknowledged(
+    billing: httpx.AsyncClient, pg: AsyncEngine
+) -> None:
+    unknown = {"id": "sub_nobody", "object": "subscription", "customer": "cus_nobody"}
+    reply = await send_event(billing, "customer.subscription.updated", unknown, "evt_unknown")
+    assert reply.status_code == 200 and reply.json()["applied"] is False
+    other = {"id": "cus_someone", "object": "customer"}
+    reply = await send_event(billing, "customer.created", other, "evt_other")
+    assert reply.status_code == 200 and reply.json()["applied"] is False
+    assert await stored(pg, "evt_unknown", "evt_other") == 2
+    async with pg.connect() as conn:
+        found = await conn.scalar(
+            select(func.count())
+            .select_from(subscriptions)
+            .where(subscriptions.c.stripe_subscription_id == "sub_nobody")
+        )
+    assert found == 0
+
+
+async def test_an_oversized_event_is_413(billing: httpx.AsyncClient) -> None:
+    payload = json.dumps({"id": "evt_big", "type": "x", "data": {"object": {"id": "x"}}})
+    oversized = payload + " " * (600 * 1024)
+    reply = await billing.post(
+        "/api/webhooks/stripe", content=oversized, headers={"Stripe-Signature": sign(oversized)}
+    )
+    assert reply.status_code == 413
