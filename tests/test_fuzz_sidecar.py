@@ -53,3 +53,4 @@ def test_sidecar_survives_schemathesis(
     finally:
         process.stop()
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "generated" in run.stdout, run.stdout[-2000:]
