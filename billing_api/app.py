@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from billing_api import fields, metrics, payments, ratelimit, stripe_api, subscriptions, usage
-from billing_api.errors import ApiError, invalid, unauthorized
+from billing_api.errors import unauthorized
 from billing_api.http import (
     WEBHOOK_BYTES_MAX,
     Handler,
@@ -32,7 +32,7 @@ from billing_api.openapi import openapi_document
 from billing_api.services import Services
 from billing_api.webhooks import handle
 from quota_common import auth, db, redis_client
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode, invalid
 from quota_common.plans import catalogue
 from quota_common.scripts import AnyRedis, register_all
 from quota_common.settings import Settings

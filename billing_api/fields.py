@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.datastructures import QueryParams
 
-from billing_api.errors import invalid
+from quota_common.codes import invalid
 from quota_common.plans import PAID_PLANS, PLAN_NAMES
 
 PAYMENT_METHOD_RE = re.compile(r"^pm_[A-Za-z0-9_]{1,250}$")

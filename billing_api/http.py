@@ -16,8 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_api import metrics
-from billing_api.errors import ApiError, BillingCode
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode
 
 BODY_BYTES_MAX = 16 * 1024
 # Stripe events carry whole invoices; still bounded so a flood cannot exhaust memory.
@@ -100,7 +99,7 @@ def stripe_failure(error: stripe.StripeError) -> ApiError:
     log.warning("stripe unavailable", extra={"stripe_error": type(error).__name__})
     return ApiError(
         503,
-        BillingCode.PAYMENT_PROVIDER_UNAVAILABLE,
+        ErrorCode.PAYMENT_PROVIDER_UNAVAILABLE,
         "the payment provider is unavailable; try again shortly",
         {"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -129,7 +128,7 @@ def endpoint(route: str) -> Callable[[Handler], Handler]:
                 log.warning("store unavailable", extra={"route": route, "error": repr(error)})
                 response = error_response(
                     503,
-                    BillingCode.SERVICE_UNAVAILABLE,
+                    ErrorCode.SERVICE_UNAVAILABLE,
                     "a backing store is unavailable; try again shortly",
                     {"Retry-After": str(RETRY_AFTER_S)},
                 )

@@ -6,7 +6,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_api import views
-from billing_api.errors import invalid
+from quota_common.codes import invalid
 from quota_common.schema import payments
 
 

@@ -13,10 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_api import records, stripe_api, views
-from billing_api.errors import ApiError
 from billing_api.services import Services
 from quota_common.accounts import PAID_STATUSES, plan_period
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode
 from quota_common.schema import subscriptions
 
 log = logging.getLogger("billing_api")

@@ -15,10 +15,9 @@ import stripe
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_api import metrics, records, stripe_api
-from billing_api.errors import ApiError
 from billing_api.services import Services
 from quota_common.auth import USER_ID_RE
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode
 
 log = logging.getLogger("billing_api")
 

@@ -2,6 +2,7 @@
 the HTTP APIs answer with. One table, so Lua, Python and the OpenAPI documents agree."""
 
 from enum import IntEnum, StrEnum
+from typing import Any
 
 
 class Code(IntEnum):
@@ -37,6 +38,31 @@ class ErrorCode(StrEnum):
     PAYMENT_FAILED = "payment_failed"
     BAD_SIGNATURE = "bad_signature"
     INTERNAL = "internal_error"
+    PAYMENT_PROVIDER_UNAVAILABLE = "payment_provider_unavailable"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+
+
+class ApiError(Exception):
+    """A refusal of either API, answered as `{"error": {"code", "message", ...extra}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.extra = extra
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, ErrorCode.VALIDATION_ERROR, message)
 
 
 # Status of each script refusal, and the error code the API answers with.

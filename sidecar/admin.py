@@ -10,13 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.routing import Route
 
 from quota_common.accounts import plan_period
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode
 from quota_common.keys import UserKeys, user_keys
 from quota_common.schema import admin_audit, credit_grants, usage_totals
 from quota_common.scripts import SCRIPTS
 from quota_common.settings import Settings
 from sidecar import answers
-from sidecar.fields import CREDITS, RESET, RequestError, check_id, validate
+from sidecar.fields import CREDITS, RESET, check_id, validate
 from sidecar.http import Answer, Call, Endpoint
 from sidecar.ledger import Ledger
 
@@ -42,7 +42,7 @@ def admin_routes(settings: Settings, ledger: Ledger) -> list[Route]:
 
     def operator(call: Call) -> tuple[UserKeys, datetime]:
         if token is None:
-            raise RequestError(
+            raise ApiError(
                 404, ErrorCode.NOT_FOUND, "operator endpoints are disabled: ADMIN_TOKEN is not set"
             )
         return user_keys(check_id(call.path_params["user_id"], "user_id")), datetime.now(UTC)

@@ -20,14 +20,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from quota_common import db, redis_client
-from quota_common.codes import REFUSALS, Code, ErrorCode
+from quota_common.codes import REFUSALS, ApiError, Code, ErrorCode
 from quota_common.keys import user_keys
 from quota_common.plans import catalogue
 from quota_common.scripts import SCRIPTS, AnyRedis, register_all
 from quota_common.settings import Settings
 from sidecar import answers, metrics
 from sidecar.admin import admin_routes
-from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, RequestError, check_id, validate
+from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, check_id, validate
 from sidecar.http import Answer, Call, Endpoint, http_error
 from sidecar.ledger import Ledger
 from sidecar.openapi import openapi_document
@@ -37,12 +37,12 @@ JOURNAL_REPLAY_INTERVAL_S = 0.5
 log = logging.getLogger("sidecar")
 
 
-def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
+def refused(code: Code, answer: str, reservation_id: str) -> ApiError:
     status, error = REFUSALS[code]
     if code == Code.QUOTA_EXCEEDED:
         fields, retry_after = answers.refusal(answer)
         metrics.REFUSED.inc()
-        return RequestError(
+        return ApiError(
             status,
             error,
             "not enough tokens left in this period",
@@ -50,7 +50,7 @@ def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
             **fields,
         )
     if code == Code.BELOW_HOLD:
-        return RequestError(status, error, f"tokens must be at least the {answer} already held")
+        return ApiError(status, error, f"tokens must be at least the {answer} already held")
     messages = {
         Code.IDEMPOTENCY_CONFLICT: "this reservation_id was used with different fields",
         Code.NOT_FOUND: "no such reservation for this user",
@@ -58,7 +58,7 @@ def refused(code: Code, answer: str, reservation_id: str) -> RequestError:
         Code.ALREADY_REFUNDED: "the reservation was already refunded",
         Code.EXPIRED: "the reservation's hold has expired",
     }
-    return RequestError(status, error, messages[code], reservation_id=reservation_id)
+    return ApiError(status, error, messages[code], reservation_id=reservation_id)
 
 
 def create_app(
@@ -81,7 +81,7 @@ def create_app(
         budget = settings.fail_open_budget
         granted = ledger.breaker.spend_budget(user_id, tokens, min_tokens, budget)
         if not granted:
-            raise RequestError(
+            raise ApiError(
                 503,
                 ErrorCode.STORE_UNAVAILABLE,
                 "the quota store is unavailable and this user's outage budget is spent",
@@ -118,7 +118,7 @@ def create_app(
         rid = body["reservation_id"] or uuid.uuid4().hex
         min_tokens = body["min_tokens"] or 0
         if min_tokens > body["tokens"]:
-            raise RequestError(422, ErrorCode.VALIDATION_ERROR, "min_tokens must not exceed tokens")
+            raise ApiError(422, ErrorCode.VALIDATION_ERROR, "min_tokens must not exceed tokens")
         ttl_ms = body["ttl_s"] * 1000 if body["ttl_s"] else ttl_default_ms
         try:
             code, answer = await ledger.reserve(

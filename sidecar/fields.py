@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import orjson
 
-from quota_common.codes import ErrorCode
+from quota_common.codes import invalid
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 ID_RE = re.compile(ID_PATTERN)
@@ -28,21 +28,6 @@ class Field:
     low: int = 0
     high: int = TOKENS_MAX
     doc: str = ""
-
-
-class RequestError(Exception):
-    """A request the sidecar refuses: answered as `{"error": {...}}` with `status`."""
-
-    def __init__(self, status: int, code: ErrorCode, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(422, ErrorCode.VALIDATION_ERROR, message)
 
 
 def check_id(value: object, name: str) -> str:

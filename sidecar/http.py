@@ -15,9 +15,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from quota_common.codes import ErrorCode
+from quota_common.codes import ApiError, ErrorCode
 from sidecar import metrics
-from sidecar.fields import RequestError
 from sidecar.outage import UNAVAILABLE
 
 BODY_BYTES_MAX = 64 * 1024
@@ -58,28 +57,26 @@ class Call:
     async def json(self) -> object:
         content_type = self.headers.get(b"content-type", b"")
         if content_type.split(b";", 1)[0].strip().lower() != b"application/json":
-            raise RequestError(
+            raise ApiError(
                 415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json"
             )
         declared = self.headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > BODY_BYTES_MAX):
-            raise RequestError(413, ErrorCode.PAYLOAD_TOO_LARGE, "the body may be at most 64 KB")
+            raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, "the body may be at most 64 KB")
         body = b""
         more = True
         while more:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise RequestError(400, ErrorCode.INVALID_JSON, "the client went away")
+                raise ApiError(400, ErrorCode.INVALID_JSON, "the client went away")
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > BODY_BYTES_MAX:
-                raise RequestError(
-                    413, ErrorCode.PAYLOAD_TOO_LARGE, "the body may be at most 64 KB"
-                )
+                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, "the body may be at most 64 KB")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise RequestError(400, ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
+            raise ApiError(400, ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
 
     def bearer_matches(self, token: str) -> bool:
         scheme, _, value = self.headers.get(b"authorization", b"").partition(b" ")
@@ -137,9 +134,10 @@ class Endpoint:
             )
         try:
             return await self.handler(call)
-        except RequestError as error:
-            headers = error.extra.pop("headers", None)
-            return error_answer(error.status, error.code, error.message, headers, **error.extra)
+        except ApiError as error:
+            return error_answer(
+                error.status, error.code, error.message, error.headers, **error.extra
+            )
         except UNAVAILABLE as error:
             metrics.STORE_ERRORS.inc()
             log.warning(

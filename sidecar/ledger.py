@@ -12,6 +12,7 @@ from quota_common.codes import Code
 from quota_common.keys import UserKeys
 from quota_common.plans import Plan
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
+from sidecar import metrics
 from sidecar.outage import STORE_ERRORS, Breaker
 from sidecar.pipeline import ScriptPipeline
 
@@ -67,7 +68,8 @@ class Ledger:
     async def _load(self, user: UserKeys) -> None:
         async with self.engine.connect() as conn:
             account = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
-        await self.call(SCRIPTS["seed"], [user.state], account.script_args())
+        if await self.call(SCRIPTS["seed"], [user.state], account.script_args()):
+            metrics.COLD_LOADS.inc()
 
     async def reserve(
         self,
