@@ -15,7 +15,8 @@ answer), ct (committed tokens), cb (commit answer), rb (refund answer).
 
 -- How long a settled reservation is remembered for replays, in ms (24 h).
 local SETTLED_RETENTION_MS = 86400000
--- Most expired holds one call settles; the rest go in later calls (and via the reaper).
+-- Expired holds settled per batch (bounds ZREM's unpack); a call sweeps batches until none is
+-- left, so an expired hold never counts, however many a user has.
 local SWEEP_BATCH_MAX = 256
 
 local function now_ms()
@@ -80,22 +81,25 @@ end
 -- Settles every hold of the user whose expiry has passed: the tokens stop counting and the
 -- settlement goes to the bucket's stream for the sync worker, in this same call.
 local function sweep_expired(state, holds, record_prefix, stream, user, now)
-  local due = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, SWEEP_BATCH_MAX)
-  if #due == 0 then return end
-  local released = 0
-  local ps = redis.call('HGET', state, 'ps')
-  for _, rid in ipairs(due) do
-    local record = record_prefix .. rid
-    local r = redis.call('HMGET', record, 'g', 'md')
-    local held = tonumber(r[1]) or 0
-    released = released + held
-    redis.call('HSET', record, 's', 'E')
-    redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-    redis.call('XADD', stream, '*', 'k', 'expired', 'u', user, 'r', rid, 'tr', held, 'tc', 0,
-      'l', 0, 'md', r[2] or '', 't', now, 'ps', ps)
-  end
-  redis.call('ZREM', holds, unpack(due))
-  if released > 0 then redis.call('HINCRBY', state, 'reserved', -released) end
+  local ps = nil
+  repeat
+    local due = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, SWEEP_BATCH_MAX)
+    if #due == 0 then return end
+    local released = 0
+    ps = ps or redis.call('HGET', state, 'ps')
+    for _, rid in ipairs(due) do
+      local record = record_prefix .. rid
+      local r = redis.call('HMGET', record, 'g', 'md')
+      local held = tonumber(r[1]) or 0
+      released = released + held
+      redis.call('HSET', record, 's', 'E')
+      redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
+      redis.call('XADD', stream, '*', 'k', 'expired', 'u', user, 'r', rid, 'tr', held, 'tc', 0,
+        'l', 0, 'md', r[2] or '', 't', now, 'ps', ps)
+    end
+    redis.call('ZREM', holds, unpack(due))
+    if released > 0 then redis.call('HINCRBY', state, 'reserved', -released) end
+  until #due < SWEEP_BATCH_MAX
 end
 
 -- Keeps the bucket's due set (user -> earliest hold expiry) true enough for the reaper: a score

@@ -1,6 +1,6 @@
 """Redis connections for a single server or a cluster, chosen by the settings."""
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -21,10 +21,14 @@ def connect(
             socket_connect_timeout=timeout,
             max_connections=max_connections,
         )
-    return Redis.from_url(
+    # A blocking pool: a burst of more concurrent calls than connections waits (up to the same
+    # timeout) for a free connection instead of failing at once with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         max_connections=max_connections,
         retry=Retry(NoBackoff(), 0),
     )
+    return Redis.from_pool(pool)

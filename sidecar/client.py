@@ -91,7 +91,15 @@ class QuotaClient:
             raise QuotaUnavailable(
                 0, "unreachable", str(error) or type(error).__name__, {}
             ) from error
-        payload: dict[str, Any] = response.json()
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            # Not an answer of the sidecar (a proxy's error page, say): as if it did not answer.
+            raise QuotaUnavailable(
+                response.status_code, "bad_response", f"HTTP {response.status_code}", {}
+            )
         if response.status_code == 200:
             return payload
         detail = payload.get("error", {})
@@ -104,7 +112,7 @@ class QuotaClient:
         if response.status_code == 429:
             retry_after = response.headers.get("retry-after")
             raise QuotaExceeded(*args, int(retry_after) if retry_after else None)
-        if response.status_code == 503:
+        if response.status_code >= 500:
             raise QuotaUnavailable(*args)
         raise QuotaError(*args)
 

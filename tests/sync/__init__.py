@@ -1,0 +1,1 @@
+"""Tests of the sync worker, on real Redis, Postgres and processes."""

@@ -1,0 +1,85 @@
+"""Fixtures of the sync worker tests: the worker in-process (for `run_once()` tests) or as a
+real `quota-sync-worker` process (for fault tests), and polling helpers."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from quota_common import settings as settings_module
+from sync_worker.worker import Worker
+from tests.servers import Process, free_port
+
+
+def worker_env(base_env: dict[str, str], **env: str) -> dict[str, str]:
+    """Worker settings for tests: short claim and poll times, so faults resolve in seconds."""
+    return {
+        **base_env,
+        "SYNC_WORKER_PORT": str(free_port()),
+        "SYNC_CLAIM_IDLE_MS": "1500",
+        "SYNC_POLL_INTERVAL_MS": "20",
+        "SYNC_REAP_INTERVAL_MS": "200",
+        "SYNC_DRIFT_INTERVAL_S": "1",
+        "ALERT_WEBHOOK_BACKOFF_MS": "100",
+        "ALERT_WEBHOOK_BACKOFF_MAX_MS": "500",
+        **env,
+    }
+
+
+def start_worker(base_env: dict[str, str], logs_dir: Path, **env: str) -> Process:
+    settings = worker_env(base_env, **env)
+    port = settings["SYNC_WORKER_PORT"]
+    return Process(
+        "quota-sync-worker",
+        settings,
+        logs_dir / f"worker-{port}.log",
+        ready_url=f"http://127.0.0.1:{port}/healthz",
+    ).start()
+
+
+@pytest.fixture
+async def worker(base_env: dict[str, str]) -> AsyncIterator[Worker]:
+    """A worker in this process, started (groups, scripts, listener) but not looping."""
+    env = worker_env(base_env, SYNC_CLAIM_IDLE_MS="100")
+    instance = Worker(settings_module.load(env))
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Polls an async condition until it holds (never a bare sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def drain(worker: Worker, rounds_max: int = 1000) -> int:
+    """Runs the settle step until the streams are empty; returns the entries written."""
+    total = 0
+    for _ in range(rounds_max):
+        written = await worker.run_once()
+        if written == 0:
+            return total
+        total += written
+    raise AssertionError("the streams never emptied")
+
+
+async def rows(pg: AsyncEngine, query: str, **params: Any) -> list[Any]:
+    async with pg.connect() as conn:
+        return list((await conn.execute(text(query), params)).all())
+
+
+async def scalar(pg: AsyncEngine, query: str, **params: Any) -> Any:
+    async with pg.connect() as conn:
+        return await conn.scalar(text(query), params)
