@@ -218,6 +218,7 @@ def create_app(
         # Redis down at start: /readyz says so, and every call loads its script once it is back.
         with contextlib.suppress(RedisError, OSError):
             await register_all(store)
+            await ledger.pipeline.connect()
         replayer = asyncio.create_task(replay_journal())
         yield
         replayer.cancel()
@@ -251,6 +252,8 @@ def create_app(
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
+    # "/v1/reserve/" is a client's typo: a JSON 404, not a redirect that drops the body.
+    app.router.redirect_slashes = False
     return HotPaths(app, hot)
 
 

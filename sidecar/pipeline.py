@@ -110,6 +110,11 @@ class ScriptPipeline:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
+    async def connect(self) -> None:
+        """Opens the owned connections ahead of the first requests, whose deadline is short."""
+        for connection in self.idle:
+            await connection.connect_check_health(check_health=False)
+
     async def aclose(self) -> None:
         for connection in self.idle:
             await connection.disconnect()
