@@ -163,6 +163,7 @@ RAW: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
     ("GET", "/v1/nothing", None, {}, 404, "not_found"),
     ("POST", "/v2/reserve", orjson.dumps(GOOD["/v1/reserve"]), JSON, 404, "not_found"),
     ("GET", "/v1/usage/", None, {}, 404, "not_found"),
+    ("POST", "/v1/reserve/", orjson.dumps(GOOD["/v1/reserve"]), JSON, 404, "not_found"),
     ("GET", "/v1/usage/a%20b", None, {}, 422, "validation_error"),
     ("GET", "/v1/usage/" + "x" * 129, None, {}, 422, "validation_error"),
     ("GET", "/v1/usage/%C3%BC", None, {}, 422, "validation_error"),
