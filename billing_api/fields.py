@@ -41,7 +41,7 @@ def subscribe_body(body: object) -> tuple[str, str | None]:
     fields = _object(body, ("plan", "payment_method"))
     payment_method = fields.get("payment_method")
     if payment_method is not None and (
-        not isinstance(payment_method, str) or not PAYMENT_METHOD_RE.match(payment_method)
+        not isinstance(payment_method, str) or not PAYMENT_METHOD_RE.fullmatch(payment_method)
     ):
         raise invalid("payment_method must be a Stripe PaymentMethod id (pm_...)")
     return _plan(fields.get("plan")), payment_method
@@ -108,6 +108,6 @@ def payments_query(params: QueryParams) -> tuple[int, str | None]:
             raise invalid(f"limit must be a whole number from 1 to {PAGE_SIZE_MAX}")
         limit = int(raw)
     after = query.get("starting_after")
-    if after is not None and not STRIPE_ID_RE.match(after):
+    if after is not None and not STRIPE_ID_RE.fullmatch(after):
         raise invalid("starting_after must be a payment id from a previous page")
     return limit, after

@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_api import metrics, records, stripe_api
 from billing_api.services import Services
-from quota_common.auth import USER_ID_RE
 from quota_common.codes import ApiError, ErrorCode
+from quota_common.keys import is_valid_id
 
 log = logging.getLogger("billing_api")
 
@@ -79,7 +79,7 @@ def parse(services: Services, payload: bytes, signature: str | None) -> dict[str
 
 def _metadata_user(obj: dict[str, Any]) -> str | None:
     user = (obj.get("metadata") or {}).get("user_id")
-    return user if isinstance(user, str) and USER_ID_RE.match(user) else None
+    return user if is_valid_id(user) else None
 
 
 async def _user_of(services: Services, obj: dict[str, Any]) -> tuple[str | None, str | None, bool]:

@@ -10,15 +10,14 @@ with a public key both fail. `exp` and `sub` are required; `iss`/`aud` are check
 in a thread.
 """
 
-import re
 from dataclasses import dataclass
 
 import jwt
 
+from quota_common.keys import is_valid_id
 from quota_common.settings import Settings
 
 # A user id as DESIGN.md defines ids: the subject becomes Redis keys and Postgres rows.
-USER_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 TOKEN_CHARS_MAX = 8192
 JWKS_CACHE_S = 300
 JWKS_TIMEOUT_S = 5
@@ -104,6 +103,6 @@ def verify(v: Verifier, token: str) -> str:
         # ValueError/TypeError: a key pyjwt cannot use for this algorithm.
         raise AuthError("the token is invalid or expired") from None
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not USER_ID_RE.match(subject):
+    if not is_valid_id(subject):
         raise AuthError("the token's subject is not a valid user id")
     return subject

@@ -7,11 +7,21 @@ one stream per bucket instead of one per user. BUCKETS is part of the stored lay
 it moves every user's keys (flush Redis and let the state rebuild from Postgres).
 """
 
+import re
 import zlib
 from dataclasses import dataclass
+from typing import TypeGuard
 
 BUCKETS = 128
+# User and reservation ids: they become parts of key names, so "/" and whitespace never occur.
+ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
 SETTLE_GROUP = "settlers"
+
+
+def is_valid_id(value: object) -> TypeGuard[str]:
+    # fullmatch: with match, "$" also matches before a trailing newline.
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def bucket_of(user_id: str) -> int:

@@ -25,6 +25,8 @@ OPERATIONS = (
     "apply_plan",
     "grant",
     "reset",
+    "raise_used",
+    "settled_ack",
 )
 
 

@@ -1,16 +1,14 @@
 """Request bodies of the sidecar, declared once: validation and the OpenAPI document both read
 these declarations. Strict on purpose: a client's typo fails loudly instead of being ignored."""
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from quota_common.codes import invalid
+from quota_common.keys import is_valid_id
 
-ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
-ID_RE = re.compile(ID_PATTERN)
 METADATA_KEYS_MAX = 16
 METADATA_KEY_CHARS_MAX = 64
 METADATA_VALUE_CHARS_MAX = 256
@@ -31,8 +29,7 @@ class Field:
 
 
 def check_id(value: object, name: str) -> str:
-    # fullmatch: with match, "$" also matches before a trailing newline ("a\n" passed).
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+    if not is_valid_id(value):
         raise invalid(f"{name} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -")
     return value
 

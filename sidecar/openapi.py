@@ -3,11 +3,11 @@
 from typing import Any
 
 from quota_common.codes import ErrorCode
+from quota_common.keys import ID_PATTERN
 from sidecar.fields import (
     COMMIT,
     CREDITS,
     EXTEND,
-    ID_PATTERN,
     METADATA_KEY_CHARS_MAX,
     METADATA_KEYS_MAX,
     METADATA_VALUE_CHARS_MAX,
