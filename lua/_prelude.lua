@@ -19,6 +19,20 @@ local SETTLED_RETENTION_MS = 86400000
 -- left, so an expired hold never counts, however many a user has.
 local SWEEP_BATCH_MAX = 256
 
+-- Lua 5.1 prints numbers with %.14g (1e+14 for 10^14): answers and stream fields use %d, exact up
+-- to 2^53, so a large counter never reaches a caller as an exponent.
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- An answer string "a|b|c" (see each script's header).
+local function join(values)
+  for i, v in ipairs(values) do
+    if type(v) == 'number' then values[i] = int(v) end
+  end
+  return table.concat(values, '|')
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -94,8 +108,8 @@ local function sweep_expired(state, holds, record_prefix, stream, user, now)
       released = released + held
       redis.call('HSET', record, 's', 'E')
       redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-      redis.call('XADD', stream, '*', 'k', 'expired', 'u', user, 'r', rid, 'tr', held, 'tc', 0,
-        'l', 0, 'md', r[2] or '', 't', now, 'ps', ps)
+      redis.call('XADD', stream, '*', 'k', 'expired', 'u', user, 'r', rid, 'tr', int(held), 'tc', 0,
+        'l', 0, 'md', r[2] or '', 't', int(now), 'ps', ps)
     end
     redis.call('ZREM', holds, unpack(due))
     if released > 0 then redis.call('HINCRBY', state, 'reserved', -released) end
@@ -139,8 +153,8 @@ local function fire_alerts(state, stream, user, u, thresholds, now)
     percent = tonumber(percent)
     if percent > fired and u.used * 100 >= percent * u.limit then
       highest = percent
-      redis.call('XADD', stream, '*', 'k', 'alert', 'u', user, 'th', percent, 'lim', u.limit,
-        'used', u.used, 'ps', u.ps, 'pe', u.pe, 't', now)
+      redis.call('XADD', stream, '*', 'k', 'alert', 'u', user, 'th', percent, 'lim', int(u.limit),
+        'used', int(u.used), 'ps', u.ps, 'pe', u.pe, 't', int(now))
     end
   end
   if highest > fired then redis.call('HSET', state, 'al', highest) end

@@ -53,11 +53,11 @@ elseif r[5] and r[5] ~= '' then
 end
 
 local u = usage_of(state)
-local answer = table.concat({tokens, released, u.used, u.reserved, u.limit, late and 1 or 0,
-  u.plan, u.ps, u.pe}, '|')
+local answer = join({tokens, released, u.used, u.reserved, u.limit, late and 1 or 0,
+  u.plan, u.ps, u.pe})
 redis.call('HSET', record, 's', 'C', 'ct', tokens, 'cb', answer)
 redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
 redis.call('XADD', stream, '*', 'k', 'committed', 'u', user, 'r', rid, 'tr', held, 'tc', tokens,
-  'l', late and 1 or 0, 'md', metadata, 't', now, 'ps', u.ps)
+  'l', late and 1 or 0, 'md', metadata, 't', int(now), 'ps', u.ps)
 if tokens > 0 then fire_alerts(state, stream, user, u, thresholds, now) end
 return {OK, answer}

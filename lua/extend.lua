@@ -33,7 +33,7 @@ if tokens < held then return {BELOW_HOLD, tostring(held)} end
 local u = usage_of(state)
 local extra = tokens - held
 if extra > u.limit - u.used - u.reserved then
-  return {QUOTA_EXCEEDED, table.concat({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0}, '|')}
+  return {QUOTA_EXCEEDED, join({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0})}
 end
 if extra > 0 then
   u.reserved = redis.call('HINCRBY', state, 'reserved', extra)
@@ -45,4 +45,4 @@ if ttl_ms > 0 then
   redis.call('ZADD', holds, expires, rid)
   track_due(holds, due_set, user)
 end
-return {OK, table.concat({u.plan, tokens, u.limit, u.used, u.reserved, u.ps, u.pe, expires}, '|')}
+return {OK, join({u.plan, tokens, u.limit, u.used, u.reserved, u.ps, u.pe, expires})}

@@ -20,4 +20,4 @@ if redis.call('HGET', state, 'ps') == period_start then
   redis.call('HSET', state, 'credits', credits)
 end
 local u = usage_of(state)
-return {OK, table.concat({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe}, '|')}
+return {OK, join({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe})}

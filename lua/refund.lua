@@ -21,8 +21,9 @@ if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LO
 local r = redis.call('HMGET', record, 's', 'g', 'rb', 'md')
 local status, held = r[1], tonumber(r[2]) or 0
 if not status then return {NOT_FOUND, ''} end
-if status == 'C' then return {ALREADY_COMMITTED, ''} end
+-- A refund answered before replays even if a late commit charged the expired hold since.
 if r[3] then return {REPLAYED, r[3]} end
+if status == 'C' then return {ALREADY_COMMITTED, ''} end
 
 local outcome = 'expired'
 if status == 'H' then
@@ -31,11 +32,11 @@ if status == 'H' then
   redis.call('ZREM', holds, rid)
   track_due(holds, due_set, user)
   redis.call('XADD', stream, '*', 'k', 'refunded', 'u', user, 'r', rid, 'tr', held, 'tc', 0,
-    'l', 0, 'md', r[4] or '', 't', now, 'ps', redis.call('HGET', state, 'ps'))
+    'l', 0, 'md', r[4] or '', 't', int(now), 'ps', redis.call('HGET', state, 'ps'))
 end
 
 local u = usage_of(state)
-local answer = table.concat({outcome, held, u.used, u.reserved, u.limit, u.plan, u.ps, u.pe}, '|')
+local answer = join({outcome, held, u.used, u.reserved, u.limit, u.plan, u.ps, u.pe})
 redis.call('HSET', record, 's', status == 'H' and 'R' or status, 'rb', answer)
 redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
 return {OK, answer}

@@ -43,13 +43,13 @@ if tokens > available then
   if min_tokens > 0 and available >= min_tokens then
     granted = available
   else
-    return {QUOTA_EXCEEDED, table.concat({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0}, '|')}
+    return {QUOTA_EXCEEDED, join({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0})}
   end
 end
 
 local expires = now + ttl_ms
 local reserved = redis.call('HINCRBY', state, 'reserved', granted)
-local answer = table.concat({u.plan, granted, u.limit, u.used, reserved, u.ps, u.pe, expires}, '|')
+local answer = join({u.plan, granted, u.limit, u.used, reserved, u.ps, u.pe, expires})
 redis.call('HSET', record, 's', 'H', 'g', granted, 'x', expires, 'f', fingerprint, 'md', metadata,
   'sb', answer)
 redis.call('ZADD', holds, expires, rid)

@@ -17,5 +17,5 @@ local now = now_ms()
 if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
 redis.call('HSET', state, 'used', 0, 'al', 0)
 local u = usage_of(state)
-redis.call('XADD', stream, '*', 'k', 'reset', 'u', user, 'ps', u.ps, 't', now)
-return {OK, table.concat({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe}, '|')}
+redis.call('XADD', stream, '*', 'k', 'reset', 'u', user, 'ps', u.ps, 't', int(now))
+return {OK, join({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe})}

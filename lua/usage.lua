@@ -15,4 +15,4 @@ local now = now_ms()
 if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
 track_due(holds, due_set, user)
 local u = usage_of(state)
-return {OK, table.concat({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe}, '|')}
+return {OK, join({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe})}

@@ -258,3 +258,20 @@ async def test_commit_metadata_is_merged_over_the_reservation_s(
     (entry,) = [e for e in await stream_entries(redis, user_keys("u1").stream)]
     assert entry[b"k"] == b"committed" and entry[b"tr"] == b"10" and entry[b"tc"] == b"7"
     assert json.loads(entry[b"md"]) == {"conversation_id": "c1", "model": "large", "n": 'ü/"'}
+
+
+async def test_refund_of_expired_hold_replays_after_a_late_commit(
+    http: httpx.AsyncClient, redis: Redis
+) -> None:
+    await hold(http, "u1", "r1", 1000, ttl_s=1)
+
+    async def released() -> bool:
+        return int((await usage(http, "u1"))["reserved"]) == 0
+
+    await eventually(released, 5, "the 1 s hold to expire")
+    status, first = await refund(http, "u1", "r1")
+    assert status == 200 and first["status"] == "expired"
+    status, late = await commit(http, "u1", "r1", 300)
+    assert status == 200 and late["late"] is True
+    status, again = await refund(http, "u1", "r1")
+    assert status == 200 and again["replayed"] is True and again["status"] == "expired"
