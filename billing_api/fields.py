@@ -2,7 +2,7 @@
 parameter is refused, so a client's typo fails loudly instead of being ignored."""
 
 import re
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from starlette.datastructures import QueryParams
@@ -86,6 +86,8 @@ def history_query(params: QueryParams) -> tuple[date | None, date | None, str | 
     if start is not None and end is not None:
         if end < start:
             raise invalid("to must not be before from")
+        if end >= date.max - timedelta(days=1):
+            raise invalid("to must be a date before 9999-12-30")
         if (end - start).days + 1 > HISTORY_DAYS_MAX:
             raise invalid(f"at most {HISTORY_DAYS_MAX} days at a time")
     group_by = query.get("group_by")
@@ -104,7 +106,7 @@ def payments_query(params: QueryParams) -> tuple[int, str | None]:
     raw = query.get("limit")
     limit = PAGE_SIZE_DEFAULT
     if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= PAGE_SIZE_MAX:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= PAGE_SIZE_MAX:
             raise invalid(f"limit must be a whole number from 1 to {PAGE_SIZE_MAX}")
         limit = int(raw)
     after = query.get("starting_after")

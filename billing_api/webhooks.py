@@ -57,7 +57,8 @@ def parse(services: Services, payload: bytes, signature: str | None) -> dict[str
         raise ApiError(
             400, ErrorCode.BAD_SIGNATURE, "bad, missing or stale Stripe-Signature"
         ) from None
-    except ValueError:
+    except (ValueError, AttributeError, TypeError):
+        # ValueError: not JSON; the others: JSON that is not an event object ([1, 2], "x").
         metrics.WEBHOOK_EVENTS.labels("refused").inc()
         raise ApiError(400, ErrorCode.INVALID_JSON, "the body is not a JSON event") from None
     body = event.to_dict()
@@ -131,9 +132,12 @@ async def handle(services: Services, payload: bytes, signature: str | None) -> d
         # Not ours to act on (another event type, or a customer we never made); remembered
         # so that Stripe's retries are answered the same way.
         async with services.engine.begin() as conn:
-            await records.record_event(conn, event["id"], kind)
+            first = await records.record_event(conn, event["id"], kind)
         metrics.WEBHOOK_EVENTS.labels("ignored").inc()
-        return {"ok": True, "event": event["id"], "applied": False}
+        answer: dict[str, Any] = {"ok": True, "event": event["id"], "applied": False}
+        if not first:
+            answer["replayed"] = True
+        return answer
     async with services.engine.begin() as conn:
         await records.lock_user(conn, user_id)
         if not await records.record_event(conn, event["id"], kind):

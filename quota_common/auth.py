@@ -45,7 +45,8 @@ def verifier(settings: Settings) -> Verifier:
     if settings.auth_jwks_url:
         jwks = jwt.PyJWKClient(
             settings.auth_jwks_url,
-            cache_keys=True,
+            # Per-kid caching never expires: a key removed from the JWKS would stay trusted.
+            cache_keys=False,
             lifespan=JWKS_CACHE_S,
             timeout=JWKS_TIMEOUT_S,
         )

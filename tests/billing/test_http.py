@@ -107,6 +107,8 @@ async def test_bad_requests_are_4xx_json(billing: httpx.AsyncClient) -> None:
         ("GET", "/api/payments?limit=0", {}, 422, "validation_error"),
         ("GET", "/api/payments?limit=101", {}, 422, "validation_error"),
         ("GET", "/api/payments?limit=1&limit=2", {}, 422, "validation_error"),
+        ("GET", "/api/payments?limit=%C2%B2", {}, 422, "validation_error"),
+        ("GET", "/api/usage/history?from=9999-12-30&to=9999-12-31", {}, 422, "validation_error"),
         ("GET", "/api/payments?starting_after=in_unknown", {}, 422, "validation_error"),
         ("GET", "/api/payments?starting_after=..%2F", {}, 422, "validation_error"),
     ]

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import stripe
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -172,3 +173,24 @@ async def test_an_oversized_event_is_413(billing: httpx.AsyncClient) -> None:
         "/api/webhooks/stripe", content=oversized, headers={"Stripe-Signature": sign(oversized)}
     )
     assert reply.status_code == 413
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"an event"', "42", "null"])
+async def test_signed_body_that_is_not_an_event_object_is_400(
+    billing: httpx.AsyncClient, body: str
+) -> None:
+    reply = await billing.post(
+        "/api/webhooks/stripe",
+        content=body,
+        headers={"Stripe-Signature": sign(body), "Content-Type": "application/json"},
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "invalid_json"
+
+
+async def test_replayed_event_that_is_not_ours_says_replayed(billing: httpx.AsyncClient) -> None:
+    obj = {"id": "cus_not_ours", "object": "customer"}
+    first = await send_event(billing, "customer.created", obj, "evt_not_ours")
+    again = await send_event(billing, "customer.created", obj, "evt_not_ours")
+    assert first.status_code == again.status_code == 200
+    assert "replayed" not in first.json() and again.json()["replayed"] is True
