@@ -3,6 +3,10 @@ meet the sidecar's."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from quota_common.metrics import only_quota_metrics
+
+only_quota_metrics()
+
 REQUESTS = Counter(
     "quota_billing_http_requests_total",
     "Billing API HTTP requests by route and status.",

@@ -2,6 +2,10 @@
 
 from prometheus_client import Counter, Histogram
 
+from quota_common.metrics import only_quota_metrics
+
+only_quota_metrics()
+
 REQUESTS = Counter(
     "quota_http_requests_total", "Sidecar HTTP requests by route and status.", ["route", "status"]
 )
