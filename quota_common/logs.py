@@ -30,3 +30,6 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Their request lines carry URLs with payment method and customer ids: never at INFO.
+    for chatty in ("httpx", "httpcore", "stripe"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

@@ -116,11 +116,28 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name} must be 1/true/yes or 0/false/no, got {raw!r}")
 
 
+def redacted(url: str) -> str:
+    """The URL as an error message may show it: without its password."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)).geturl()
+
+
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = env.get(name) or default
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not (parts.hostname or parts.path):
-        raise SettingsError(f"{name} must be a {'/'.join(schemes)} URL, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in schemes and bool(parts.hostname or parts.path)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        valid = False
+    if not valid:
+        raise SettingsError(f"{name} must be a {'/'.join(schemes)} URL, got {redacted(value)!r}")
     return value
 
 
@@ -219,7 +236,7 @@ def _http_url(name: str, value: str | None) -> None:
         return
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"{name} must be an http(s) URL, got {value!r}")
+        raise SettingsError(f"{name} must be an http(s) URL, got {redacted(value)!r}")
 
 
 def require_billing(settings: Settings) -> None:
