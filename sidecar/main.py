@@ -1,6 +1,9 @@
 """`quota-sidecar`: checks the settings and serves the sidecar with uvicorn."""
 
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -14,31 +17,43 @@ from sidecar.app import create_app
 KEEP_ALIVE_S = 75
 
 
+def check_paths(settings: settings_module.Settings) -> None:
+    """The directories the sidecar writes to, checked now rather than at the first outage."""
+    journal = Path(settings.sidecar_journal_dir)
+    try:
+        journal.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise settings_module.SettingsError(
+            f"SIDECAR_JOURNAL_DIR {str(journal)!r} cannot be created: {error.strerror}"
+        ) from None
+    if not os.access(journal, os.W_OK):
+        raise settings_module.SettingsError(f"SIDECAR_JOURNAL_DIR {str(journal)!r} is not writable")
+    if settings.sidecar_uds:
+        parent = Path(settings.sidecar_uds).parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise settings_module.SettingsError(
+                f"SIDECAR_UDS {settings.sidecar_uds!r}: its directory is missing or not writable"
+            )
+
+
 def main() -> None:
     try:
         settings = settings_module.load()
+        check_paths(settings)
     except settings_module.SettingsError as error:
         sys.exit(f"quota-sidecar: {error}")
     logs.setup(settings.log_level)
-    app = create_app(settings)
-    if settings.sidecar_uds:
-        uvicorn.run(
-            app,
-            uds=settings.sidecar_uds,
-            log_config=None,
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_keep_alive=KEEP_ALIVE_S,
-        )
-    else:
-        uvicorn.run(
-            app,
-            host=settings.sidecar_host,
-            port=settings.sidecar_port,
-            log_config=None,
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_keep_alive=KEEP_ALIVE_S,
-        )
+    where: dict[str, Any] = (
+        {"uds": settings.sidecar_uds}
+        if settings.sidecar_uds
+        else {"host": settings.sidecar_host, "port": settings.sidecar_port}
+    )
+    uvicorn.run(
+        create_app(settings),
+        **where,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )

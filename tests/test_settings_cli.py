@@ -31,6 +31,7 @@ BAD = [
     ("SIDECAR_PORT", "70000"),
     ("FAIL_MODE", "maybe"),
     ("REDIS_URL", "http://127.0.0.1:6379"),
+    ("REDIS_URL", "redis://[::1"),
     ("DATABASE_URL", "mysql://root@localhost/quota"),
     ("RESERVATION_TTL_S", "0"),
     ("REDIS_TIMEOUT_MS", "-5"),
@@ -41,8 +42,12 @@ BAD = [
 ]
 
 
-# The process test for a sample (each start costs a second); settings.load for every one.
-@pytest.mark.parametrize(("name", "value"), [BAD[0], BAD[2], BAD[3], BAD[8]])
+# The process test for a sample (each start costs a second); settings.load for every one. The
+# paths are checked by the sidecar itself, at start.
+PATHS = [("SIDECAR_JOURNAL_DIR", "/proc/no-such-dir"), ("SIDECAR_UDS", "/proc/no-such-dir/s.sock")]
+
+
+@pytest.mark.parametrize(("name", "value"), [BAD[0], BAD[2], BAD[3], BAD[8], *PATHS])
 def test_bad_setting_stops_the_sidecar_with_one_line(
     base_env: dict[str, str], tmp_path: Path, name: str, value: str
 ) -> None:
