@@ -78,8 +78,15 @@ def create_app(
     journal = Journal(Path(settings.sidecar_journal_dir))
 
     def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Answer:
+        breaker = ledger.breaker
+        fingerprint = (tokens, min_tokens, ttl_ms)
+        known = breaker.grants.get((user_id, rid))
+        if known is not None:
+            if known[0] != fingerprint:
+                raise refused(Code.IDEMPOTENCY_CONFLICT, "", rid)
+            return Answer({**known[1], "replayed": True})
         budget = settings.fail_open_budget
-        granted = ledger.breaker.spend_budget(user_id, tokens, min_tokens, budget)
+        granted = breaker.spend_budget(user_id, tokens, min_tokens, budget)
         if not granted:
             raise ApiError(
                 503,
@@ -87,11 +94,11 @@ def create_app(
                 "the quota store is unavailable and this user's outage budget is spent",
             )
         metrics.DEGRADED.inc()
-        return Answer(
-            answers.degraded_reservation(
-                rid, user_id, granted, budget, ledger.breaker.budgets[user_id], ttl_ms
-            )
+        body = answers.degraded_reservation(
+            rid, user_id, granted, budget, breaker.budgets[user_id], ttl_ms
         )
+        breaker.grants[(user_id, rid)] = (fingerprint, body)
+        return Answer(body)
 
     async def replay(entry: dict[str, Any]) -> None:
         user = user_keys(entry["user_id"])

@@ -38,6 +38,8 @@ class Breaker:
         self.failures = 0
         self.retry_at = 0.0
         self.budgets: dict[str, int] = {}
+        # Degraded grants of this outage by (user, reservation id), so retries replay them.
+        self.grants: dict[tuple[str, str], tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     @property
     def open(self) -> bool:
@@ -58,6 +60,7 @@ class Breaker:
                 log.warning("store back", extra={"failures": self.failures})
             self.failures = 0
             self.budgets.clear()
+            self.grants.clear()
 
     def failed(self) -> None:
         self.failures += 1
@@ -91,9 +94,14 @@ class Journal:
         self.pending = 0
 
     def _open(self) -> tuple[Path, IO[bytes]]:
-        path = self.directory / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
-        file = path.open("ab")
+        # Locked under a name the orphan scan ignores, then renamed: another process can never
+        # take a fresh file for a dead process's and delete it under us.
+        name = f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+        opening = self.directory / f"opening-{name}"
+        file = opening.open("ab")
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = self.directory / name
+        opening.rename(path)
         return path, file
 
     def append(self, entry: dict[str, Any]) -> None:
@@ -119,11 +127,17 @@ class Journal:
         for path in self.directory.glob("journal-*.jsonl"):
             if path in mine:
                 continue
-            with path.open("rb") as orphan:
+            try:
+                orphan = path.open("rb")
+            except FileNotFoundError:
+                continue  # another process replayed it just now
+            with orphan:
                 try:
                     fcntl.flock(orphan, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live process owns it
+                if not still_named(path, orphan):
+                    continue  # replayed and removed while we waited for the lock
                 done += await self._replay_file(path, apply)
                 path.unlink()
         return done
@@ -141,6 +155,13 @@ class Journal:
         self.file.close()
         if self.path.stat().st_size == 0:
             self.path.unlink()
+
+
+def still_named(path: Path, file: IO[bytes]) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:

@@ -150,6 +150,11 @@ async def test_fail_open_grants_the_outage_budget(
             status, body = await reserve(http, "dave", 30, min_tokens=5)
             assert status == 200 and body["granted"] == 10 and body["degraded"] is True
             assert (await reserve(http, "erin", 30))[0] == 200  # the budget is per user
+            status, first = await reserve(http, "erin", 20, reservation_id="retry-me")
+            status_again, again = await reserve(http, "erin", 20, reservation_id="retry-me")
+            assert status == status_again == 200 and again["replayed"] is True
+            assert again["reserved"] == first["reserved"] == 50  # the retry spent nothing
+            assert (await reserve(http, "erin", 21, reservation_id="retry-me"))[0] == 409
     finally:
         process.stop()
 
