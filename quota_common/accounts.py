@@ -38,6 +38,18 @@ class Account:
     def limit(self) -> int:
         return self.quota + self.credits
 
+    def plan_args(self) -> tuple[object, ...]:
+        """What a plan change can alter (usage aside)."""
+        return (
+            self.plan,
+            self.quota,
+            self.credits,
+            self.period_start,
+            self.period_end,
+            self.next_plan,
+            self.next_quota,
+        )
+
     def script_args(self) -> list[str | int]:
         """ARGV of lua/seed.lua and lua/apply_plan.lua."""
         return [

@@ -1,5 +1,6 @@
 """Billing periods in Python, matching month_bounds() of lua/_prelude.lua."""
 
+import functools
 from datetime import UTC, datetime
 
 
@@ -18,5 +19,7 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=4096)
 def unix_rfc3339(seconds: int | str) -> str:
+    """Cached: every answer repeats its period's bounds and the current second."""
     return rfc3339(from_unix(seconds))

@@ -11,11 +11,8 @@ def remaining(limit: int, used: int, reserved: int) -> int:
 
 
 def expires_rfc3339(ms: int) -> str:
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    seconds, millis = divmod(ms, 1000)
+    return f"{unix_rfc3339(seconds)[:-1]}.{millis:03d}Z"
 
 
 def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:

@@ -109,13 +109,20 @@ class Endpoint:
         self.handler = handler
         self.methods = frozenset(methods)
         self.token = token
+        self.latency = metrics.LATENCY.labels(route)
+        self.counts: dict[int, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         answer = await self.answer(scope, receive)
         await send_answer(send, answer)
-        metrics.REQUESTS.labels(self.route, str(answer.status)).inc()
-        metrics.LATENCY.labels(self.route).observe(time.perf_counter() - started)
+        count = self.counts.get(answer.status)
+        if count is None:
+            count = self.counts[answer.status] = metrics.REQUESTS.labels(
+                self.route, str(answer.status)
+            )
+        count.inc()
+        self.latency.observe(time.perf_counter() - started)
 
     async def answer(self, scope: Scope, receive: Receive) -> Answer:
         if scope["method"] not in self.methods:

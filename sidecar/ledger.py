@@ -13,8 +13,11 @@ from quota_common.keys import UserKeys
 from quota_common.plans import Plan
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
 from sidecar import metrics
-from sidecar.outage import STORE_ERRORS, Breaker
+from sidecar.outage import STORE_ERRORS, Breaker, StoreUnavailable
 from sidecar.pipeline import ScriptPipeline
+
+# Loads of a user that Redis keeps losing before the call lands, before answering 503.
+LOAD_ATTEMPTS_MAX = 3
 
 
 class Ledger:
@@ -38,11 +41,13 @@ class Ledger:
         self, script: LuaScript, user: UserKeys, keys: list[str], args: list[Any]
     ) -> tuple[Code, str]:
         """Runs an operation script; a user unknown to Redis is seeded and the call repeated."""
-        code, answer = await self.call(script, keys, args)
-        if code == Code.NOT_LOADED:
-            await self.ensure_loaded(user)
+        for _ in range(LOAD_ATTEMPTS_MAX):
             code, answer = await self.call(script, keys, args)
-        return Code(code), answer.decode() if isinstance(answer, bytes) else answer
+            if code != Code.NOT_LOADED:
+                return Code(code), answer.decode() if isinstance(answer, bytes) else answer
+            await self.ensure_loaded(user)
+        # The state vanished again right after each load (Redis being flushed meanwhile).
+        raise StoreUnavailable("the user's state could not be loaded into Redis")
 
     async def call(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         """One script call through the circuit breaker."""
@@ -68,8 +73,15 @@ class Ledger:
     async def _load(self, user: UserKeys) -> None:
         async with self.engine.connect() as conn:
             account = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
-        if await self.call(SCRIPTS["seed"], [user.state], account.script_args()):
-            metrics.COLD_LOADS.inc()
+        if not await self.call(SCRIPTS["seed"], [user.state], account.script_args()):
+            return
+        metrics.COLD_LOADS.inc()
+        # A plan change committed while we read found no state to update and was not applied:
+        # read once more and apply what changed since.
+        async with self.engine.connect() as conn:
+            fresh = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
+        if fresh.plan_args() != account.plan_args():
+            await self.call(SCRIPTS["apply_plan"], [user.state], fresh.script_args())
 
     async def reserve(
         self,

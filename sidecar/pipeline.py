@@ -36,6 +36,8 @@ class ScriptPipeline:
         self.pending: list[Call] = []
         self.in_flight = 0
         self.flush_scheduled = False
+        # Looked up once: on Python 3.11 every get_running_loop() costs a getpid() syscall.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: list[AbstractConnection] = []
         if isinstance(redis, Redis):
             options = dict(redis.connection_pool.connection_kwargs)
@@ -45,7 +47,9 @@ class ScriptPipeline:
             self.idle = [connection_class(**options) for _ in range(CHUNKS_IN_FLIGHT_MAX)]
 
     async def call(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self.pending.append((script, keys, args, future))
         if not self.flush_scheduled:
@@ -59,7 +63,7 @@ class ScriptPipeline:
             chunk = self.pending[:CHUNK_CALLS_MAX]
             del self.pending[:CHUNK_CALLS_MAX]
             self.in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(chunk))
+            self.running_loop().create_task(self._send(chunk))
 
     async def _send(self, chunk: list[Call]) -> None:
         try:
@@ -79,7 +83,7 @@ class ScriptPipeline:
             self.in_flight -= 1
             if self.pending and not self.flush_scheduled:
                 self.flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self.running_loop().call_soon(self._flush)
 
     async def _over_connection(self, chunk: list[Call]) -> list[Any]:
         connection = self.idle.pop()
@@ -109,6 +113,9 @@ class ScriptPipeline:
         for script, keys, args, _ in chunk:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop or asyncio.get_running_loop()
 
     async def connect(self) -> None:
         """Opens the owned connections ahead of the first requests, whose deadline is short."""
