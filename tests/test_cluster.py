@@ -8,14 +8,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.periods import calendar_month
-from quota_common.schema import usage_totals
+from quota_common.schema import usage_events, usage_totals
 from tests.api import commit, refund, reserve, usage
 from tests.conftest import REDIS_URL, start_sidecar
 from tests.servers import RedisCluster
+from tests.sync.conftest import eventually, start_worker
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,49 @@ async def test_script_flush_everywhere_mid_run(
             cluster.cli(node, "script", "flush")
     assert (await reserve(http_any, "kate", 10))[0] == 200
     assert (await usage(http_any, "kate"))["reserved"] == 20
+
+
+async def test_no_lost_usage(
+    http_any: httpx.AsyncClient,
+    store: str,
+    base_env: dict[str, str],
+    logs_dir: Path,
+    pg: AsyncEngine,
+) -> None:
+    """Every commit answered 200 reaches Postgres exactly once through the sync worker, on a
+    single Redis and on the cluster (one stream per bucket, each on its own slot)."""
+    worker = start_worker(base_env, logs_dir, REDIS_URL=store)
+    try:
+        users = [f"flow-{i}" for i in range(40)]
+
+        async def flow(i: int) -> int:
+            user = users[i % len(users)]
+            status, _ = await reserve(http_any, user, 100, reservation_id=f"c{i}")
+            assert status == 200
+            status, body = await commit(http_any, user, f"c{i}", 1 + i % 90)
+            assert status == 200
+            return int(body["charged"])
+
+        charged = await asyncio.gather(*(flow(i) for i in range(300)))
+
+        async def recorded() -> bool:
+            async with pg.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(
+                            func.count(), func.coalesce(func.sum(usage_events.c.tokens_charged), 0)
+                        ).where(usage_events.c.user_id.like("flow-%"))
+                    )
+                ).one()
+            return (row[0], row[1]) == (300, sum(charged))
+
+        await eventually(recorded, 30, "every commit in usage_events")
+        async with pg.connect() as conn:
+            total = await conn.scalar(
+                select(func.sum(usage_totals.c.tokens_charged)).where(
+                    usage_totals.c.user_id.like("flow-%")
+                )
+            )
+        assert total == sum(charged)
+    finally:
+        worker.stop()

@@ -106,6 +106,8 @@ async def test_flushdb_under_load_never_grants_past_the_limit(
         await drive(http, before, users, 400, 16)
         traffic = asyncio.create_task(drive(http, after, users, 10**6, 16, stop := asyncio.Event()))
         await eventually(lambda: asyncio.sleep(0, len(after.committed) > 50), 20, "load")
+        in_postgres_before, _, _ = await books(pg)
+        sent_before = time.monotonic()
         await redis.flushdb()  # only this test run's database, never FLUSHALL
         flushed_at = time.monotonic()
         await eventually(lambda: asyncio.sleep(0, after.refused > 200), 60, "users at limit")
@@ -125,9 +127,20 @@ async def test_flushdb_under_load_never_grants_past_the_limit(
 
         # Redis `used` never stays below what Postgres recorded (the worker raises it).
         await eventually(drift_repaired, 30, "redis used >= postgres totals")
+
+        # The one way past the limit: usage the worker had in flight at the flush lands in
+        # Postgres after a user was re-seeded without it (docs/sync-worker.md, Known limits).
+        # Bound it by every earlier commit that was not in Postgres just before the flush.
+        in_postgres, _, _ = await books(pg)
+        in_flight: dict[str, int] = {}
+        for load in (before, after):
+            for key, tokens in load.committed.items():
+                early = load.sent_at[key] < sent_before
+                if early and key in in_postgres and key not in in_postgres_before:
+                    in_flight[key[0]] = in_flight.get(key[0], 0) + tokens
         for user in users:
             body = (await http.get(f"/v1/usage/{user}")).json()
-            assert body["used"] <= limit, body
+            assert body["used"] <= limit + in_flight.get(user, 0), (body, in_flight)
         charged_after = later.charged_by_user()
         assert all(tokens <= limit for tokens in charged_after.values()), charged_after
     assert after.errors == 0

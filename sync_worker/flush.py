@@ -1,0 +1,312 @@
+"""The Postgres side of the hand-off: one transaction per batch writes the usage events, the
+per-period totals and the alerts, so a batch counts completely or not at all.
+
+Exactly once without a dedupe marker: the events insert is idempotent on (user_id,
+reservation_id), and only rows it really inserted or changed (RETURNING inside the same
+statement) add to the totals. A redelivered entry therefore changes nothing, however often it
+comes back, and a crash before the commit leaves nothing behind.
+
+Hot path: binary COPY of the batch into a temporary table, then one INSERT ... ON CONFLICT for
+the events and the totals together (see docs/sync-worker.md for the numbers).
+"""
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import orjson
+import psycopg
+
+from sync_worker.streams import Entry
+
+log = logging.getLogger("sync_worker.flush")
+
+SETTLEMENT_KINDS = frozenset({b"committed", b"refunded", b"expired"})
+COMMITTED = b"committed"
+# Field order of every settlement entry (lua/_prelude.lua sweep_expired, commit.lua,
+# refund.lua): read by position, checked by name.
+SETTLEMENT_FIELDS = [b"k", b"u", b"r", b"tr", b"tc", b"l", b"md", b"t", b"ps"]
+
+CREATE_STAGE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS sync_settled (
+    user_id text NOT NULL,
+    reservation_id text NOT NULL,
+    status text NOT NULL,
+    tokens_reserved bigint NOT NULL,
+    tokens_charged bigint NOT NULL,
+    late boolean NOT NULL,
+    metadata text NOT NULL,
+    settled_ms bigint NOT NULL,
+    period_s bigint NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+# Text COPY: the entries' values are already the text Postgres parses ("1"/"0" is a boolean),
+# so a row is one join of bytes, no Python conversion per value.
+COPY_STAGE = (
+    "COPY sync_settled (user_id, reservation_id, status, tokens_reserved, tokens_charged, late,"
+    " metadata, settled_ms, period_s) FROM STDIN"
+)
+
+# A late commit replaces the `expired` row of its reservation; a committed row never changes.
+# Totals add what the events statement really changed, except for (user, period) pairs that a
+# reset in this batch recomputes below.
+WRITE_EVENTS = """
+WITH changed AS (
+    INSERT INTO usage_events AS e (user_id, reservation_id, status, tokens_reserved,
+        tokens_charged, late, metadata, period_start, settled_at)
+    SELECT user_id, reservation_id, status, tokens_reserved, tokens_charged, late,
+        CASE WHEN metadata = '' THEN '{}'::jsonb ELSE metadata::jsonb END,
+        to_timestamp(period_s), timestamptz 'epoch' + settled_ms * interval '1 millisecond'
+    FROM sync_settled
+    ORDER BY user_id, reservation_id
+    ON CONFLICT (user_id, reservation_id) DO UPDATE SET
+        status = excluded.status,
+        tokens_charged = excluded.tokens_charged,
+        late = excluded.late,
+        metadata = excluded.metadata,
+        period_start = excluded.period_start,
+        settled_at = excluded.settled_at,
+        recorded_at = now()
+    WHERE e.status <> 'committed' AND excluded.status = 'committed'
+    RETURNING e.user_id, e.period_start, e.tokens_charged
+), added AS (
+    INSERT INTO usage_totals AS t (user_id, period_start, tokens_charged)
+    SELECT user_id, period_start, sum(tokens_charged)
+    FROM changed
+    WHERE tokens_charged > 0
+      AND (user_id, extract(epoch FROM period_start)::bigint) NOT IN (
+          SELECT * FROM unnest(%(reset_users)s::text[], %(reset_periods)s::bigint[]))
+    GROUP BY user_id, period_start
+    ORDER BY user_id, period_start
+    ON CONFLICT (user_id, period_start) DO UPDATE SET
+        tokens_charged = t.tokens_charged + excluded.tokens_charged,
+        updated_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM added)
+"""
+
+# A reset makes the period's total the charges settled after it: recomputed from the events,
+# so the same reset applied again (redelivery, a second worker) gives the same total. The
+# row lock first, so a concurrent worker's addition either lands in the sum or after it.
+LOCK_TOTAL = """
+SELECT 1 FROM usage_totals
+WHERE user_id = %(user_id)s AND period_start = to_timestamp(%(period_s)s)
+FOR UPDATE
+"""
+RECOMPUTE_TOTAL = """
+INSERT INTO usage_totals AS t (user_id, period_start, tokens_charged)
+SELECT %(user_id)s::text, to_timestamp(%(period_s)s), coalesce(sum(tokens_charged), 0)
+FROM usage_events
+WHERE user_id = %(user_id)s::text
+  AND period_start = to_timestamp(%(period_s)s)
+  AND status = 'committed'
+  AND settled_at >= timestamptz 'epoch' + %(reset_ms)s * interval '1 millisecond'
+  AND reservation_id <> ALL(%(before)s::text[])
+ON CONFLICT (user_id, period_start) DO UPDATE SET
+    tokens_charged = excluded.tokens_charged,
+    updated_at = now()
+"""
+
+INSERT_ALERTS = """
+INSERT INTO usage_alerts (user_id, threshold, period_start, period_end, "limit", used,
+    triggered_at)
+SELECT u, th, to_timestamp(ps), to_timestamp(pe), lim, used,
+    timestamptz 'epoch' + t * interval '1 millisecond'
+FROM unnest(%(users)s::text[], %(thresholds)s::int[], %(ps)s::bigint[], %(pe)s::bigint[],
+    %(limits)s::bigint[], %(used)s::bigint[], %(t)s::bigint[]) AS a(u, th, ps, pe, lim, used, t)
+ON CONFLICT ON CONSTRAINT uq_usage_alerts_once DO NOTHING
+RETURNING id
+"""
+
+
+@dataclass(slots=True)
+class Reset:
+    user_id: str
+    period_s: int
+    reset_ms: int
+    # Reservations of this user and period whose last entry in the batch came before the
+    # reset: they count for the old total, even when settled in the reset's millisecond.
+    before: set[str] = field(default_factory=set)
+
+
+# One settlement: the values of SETTLEMENT_FIELDS in order (k, u, r, tr, tc, l, md, t, ps).
+Row = list[bytes]
+
+
+@dataclass(slots=True)
+class Batch:
+    """A read batch turned into rows: one per (user, reservation), in stream order."""
+
+    rows: dict[tuple[bytes, bytes], Row]
+    alerts: list[tuple[str, int, int, int, int, int, int]]
+    resets: dict[tuple[str, int], Reset]
+    kinds: dict[str, int]
+
+
+def _named(fields: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(fields[0::2], fields[1::2], strict=True))
+
+
+def build_batch(entries: list[Entry]) -> Batch:
+    """Parses entries in stream order. A reservation seen twice (expired, then committed
+    late) keeps its commit; a duplicate of the same entry changes nothing."""
+    rows: dict[tuple[bytes, bytes], Row] = {}
+    alerts: list[tuple[str, int, int, int, int, int, int]] = []
+    resets: dict[tuple[str, int], Reset] = {}
+    kinds: dict[bytes, int] = {}
+    for entry in entries:
+        f = entry[2]
+        kind = f[1] if len(f) > 1 else b""
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind in SETTLEMENT_KINDS:
+            row = f[1::2]
+            if f[0::2] != SETTLEMENT_FIELDS:
+                named = _named(f)
+                row = [named.get(name, b"") for name in SETTLEMENT_FIELDS]
+            key = (row[1], row[2])
+            previous = rows.get(key)
+            if previous is not None:
+                if previous[0] == COMMITTED or kind != COMMITTED:
+                    continue
+                # The late commit replaces the expiry but keeps the tokens that were held.
+                row[3] = previous[3]
+            rows[key] = row
+            if resets:
+                reset = resets.get((row[1].decode(), int(row[8])))
+                if reset is not None:
+                    reset.before.discard(row[2].decode())
+        elif kind == b"alert":
+            a = _named(f)
+            alerts.append(
+                (
+                    a[b"u"].decode(),
+                    int(a[b"th"]),
+                    int(a[b"ps"]),
+                    int(a[b"pe"]),
+                    int(a[b"lim"]),
+                    int(a[b"used"]),
+                    int(a[b"t"]),
+                )
+            )
+        elif kind == b"reset":
+            r = _named(f)
+            user_id, period_s = r[b"u"].decode(), int(r[b"ps"])
+            # Everything of this user and period seen so far in the batch precedes the reset;
+            # a later reset of the same period supersedes an earlier one.
+            before = {
+                rid.decode()
+                for (user, rid), row in rows.items()
+                if user == r[b"u"] and int(row[8]) == period_s
+            }
+            resets[(user_id, period_s)] = Reset(user_id, period_s, int(r[b"t"]), before)
+        else:
+            log.error("unknown settle entry skipped", extra={"entry": entry[1].decode()})
+    return Batch(rows, alerts, resets, {k.decode(): n for k, n in kinds.items()})
+
+
+def copy_text(rows: Iterable[Row]) -> bytes:
+    """The rows in COPY text format, in stage column order (u, r, k, tr, tc, l, md, t, ps)."""
+    lines = []
+    for k, u, r, tr, tc, late, md, t, ps in rows:
+        if md and (b"\\" in md or b"\n" in md or b"\t" in md or b"\r" in md):
+            md = (
+                md.replace(b"\\", b"\\\\")
+                .replace(b"\n", b"\\n")
+                .replace(b"\t", b"\\t")
+                .replace(b"\r", b"\\r")
+            )
+        lines.append(b"\t".join((u, r, k, tr, tc, late, md, t, ps)))
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+def _valid_json(text: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def sanitize(batch: Batch) -> None:
+    """Fallback after a DataError: metadata that is not a JSON object becomes {} rather than
+    blocking the whole backlog behind one bad entry (the sidecar validates it, so this is a
+    safety net)."""
+    for row in batch.rows.values():
+        if row[6] and not _valid_json(row[6]):
+            log.error("invalid metadata replaced", extra={"user_id": row[1], "rid": row[2]})
+            row[6] = b""
+
+
+class Flusher:
+    """Writes batches over one psycopg connection (reconnected after a failure)."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=5, application_name="quota-sync-worker"
+            )
+            await self._conn.execute(CREATE_STAGE)
+            await self._conn.commit()
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def reset_connection(self) -> None:
+        """After an error the connection may be mid-transaction or dead: start afresh."""
+        if self._conn is not None:
+            try:
+                await self._conn.rollback()
+            except psycopg.Error:
+                await self._conn.close()
+                self._conn = None
+
+    async def write(self, batch: Batch) -> int:
+        """One transaction; returns how many alerts it recorded for the first time."""
+        conn = await self.connection()
+        async with conn.transaction(), conn.cursor() as cur:
+            if batch.rows:
+                async with cur.copy(COPY_STAGE) as copy:
+                    await copy.write(copy_text(batch.rows.values()))
+                resets = sorted(batch.resets)
+                await cur.execute(
+                    WRITE_EVENTS,
+                    {
+                        "reset_users": [user for user, _ in resets],
+                        "reset_periods": [period for _, period in resets],
+                    },
+                )
+            for key in sorted(batch.resets):
+                reset = batch.resets[key]
+                params = {
+                    "user_id": reset.user_id,
+                    "period_s": reset.period_s,
+                    "reset_ms": reset.reset_ms,
+                    "before": sorted(reset.before),
+                }
+                await cur.execute(LOCK_TOTAL, params)
+                await cur.execute(RECOMPUTE_TOTAL, params)
+            recorded = 0
+            if batch.alerts:
+                columns = list(zip(*batch.alerts, strict=True))
+                await cur.execute(
+                    INSERT_ALERTS,
+                    {
+                        "users": list(columns[0]),
+                        "thresholds": list(columns[1]),
+                        "ps": list(columns[2]),
+                        "pe": list(columns[3]),
+                        "limits": list(columns[4]),
+                        "used": list(columns[5]),
+                        "t": list(columns[6]),
+                    },
+                )
+                recorded = len(await cur.fetchall())
+        return recorded

@@ -1,0 +1,162 @@
+"""Moving settled usage from the Redis streams into Postgres, one batch at a time.
+
+Order of one batch: read (new entries, and from time to time entries a dead worker left
+pending) -> one Postgres transaction -> XACK + XDEL. Nothing leaves Redis before the commit; a
+batch whose transaction fails stays in memory and is written again (Postgres down: it waits,
+and the rest of the backlog waits in Redis). If this process dies, its pending entries are
+claimed by another worker after SYNC_CLAIM_IDLE_MS.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from sync_worker import metrics
+from sync_worker.flush import Batch, Flusher, build_batch, sanitize
+from sync_worker.streams import Entry, ReadResult, SettleStreams
+
+log = logging.getLogger("sync_worker.settle")
+
+
+@dataclass(slots=True)
+class Held:
+    """A batch between its read and its acknowledgement."""
+
+    entries: list[Entry]
+    batch: Batch
+    committed: bool = False
+
+
+class Settler:
+    def __init__(
+        self,
+        streams: SettleStreams,
+        flusher: Flusher,
+        claim_interval_s: float,
+        on_alerts: Callable[[int], None] | None = None,
+    ) -> None:
+        self.streams = streams
+        self.flusher = flusher
+        self.claim_interval_s = claim_interval_s
+        self.on_alerts = on_alerts
+        self._held: Held | None = None
+        # The next batch, read while Postgres writes this one: Redis and Python work overlap
+        # with the Postgres statement instead of adding to it.
+        self._prefetch: asyncio.Task[Held | None] | None = None
+        # The acknowledgement of the last committed batch, sent while the next one is written.
+        self._acking: asyncio.Task[None] | None = None
+        self._ack_entries: list[Entry] = []
+        self._next_claim = 0.0
+
+    async def start(self) -> None:
+        await self.streams.ensure_groups()
+
+    async def run_once(self, read: bool = True) -> int:
+        """Writes one batch; returns how many stream entries it took out of Redis (0 when the
+        streams were empty). Raises on a Redis or Postgres failure, keeping the batch.
+        With read=False (stopping) only what was already read is finished."""
+        if self._held is None:
+            prefetch, self._prefetch = self._prefetch, None
+            if prefetch is not None:
+                self._held = await prefetch
+            elif read:
+                self._held = await self._read()
+            if self._held is None:
+                await self._finish_ack()
+                metrics.mark_success()
+                return 0
+        held = self._held
+        if not held.committed:
+            if (
+                read
+                and self._prefetch is None
+                and len(held.entries) >= self.streams.batch_size // 2
+            ):
+                self._prefetch = asyncio.create_task(self._read())
+            # On failure the read-ahead batch is kept for after this one (nothing is lost
+            # either way: its entries stay pending in Redis until acknowledged).
+            await self._write(held)
+            held.committed = True
+        # The previous batch's acknowledgement ran while this one was written; this batch's
+        # runs during the next write. Both only ever follow their own commit.
+        await self._finish_ack()
+        self._ack_entries = held.entries
+        self._acking = asyncio.create_task(self.streams.ack(held.entries))
+        self._held = None
+        metrics.mark_success()
+        return len(held.entries)
+
+    async def _finish_ack(self) -> None:
+        """Waits for the acknowledgement in flight; a failed one is sent again (raising, with
+        the entries kept for the next call, if Redis still refuses)."""
+        task, self._acking = self._acking, None
+        if task is not None:
+            try:
+                await task
+                self._ack_entries = []
+            except Exception:
+                log.warning("acknowledgement failed, sending it again")
+        if self._ack_entries:
+            await self.streams.ack(self._ack_entries)
+            self._ack_entries = []
+
+    @property
+    def holding(self) -> bool:
+        """Something read is not yet written and acknowledged."""
+        return (
+            self._held is not None
+            or self._prefetch is not None
+            or self._acking is not None
+            or bool(self._ack_entries)
+        )
+
+    async def _read(self) -> Held | None:
+        entries: list[Entry] = []
+        claimed = ReadResult()
+        now = time.monotonic()
+        if now >= self._next_claim:
+            claimed = await self.streams.claim()
+            self._next_claim = now + self.claim_interval_s
+            if claimed.claimed:
+                metrics.CLAIMED.inc(claimed.claimed)
+                log.info("claimed stale entries", extra={"entries": claimed.claimed})
+            entries.extend(claimed.entries)
+        entries.extend((await self.streams.read()).entries)
+        if not entries:
+            return None
+        if len(entries) > len(claimed.entries) > 0:
+            # Claimed and new entries of one stream interleave: stream order is id order.
+            entries.sort(key=lambda e: (e[0], _id_key(e[1])))
+        return Held(entries, build_batch(entries))
+
+    async def _write(self, held: Held) -> None:
+        started = time.perf_counter()
+        try:
+            recorded = await self.flusher.write(held.batch)
+        except pg_errors.DataError:
+            await self.flusher.reset_connection()
+            metrics.FLUSH_ERRORS.inc()
+            sanitize(held.batch)
+            recorded = await self.flusher.write(held.batch)
+        except psycopg.Error:
+            metrics.FLUSH_ERRORS.inc()
+            await self.flusher.reset_connection()
+            raise
+        metrics.FLUSH_DURATION.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(held.entries))
+        for kind, count in held.batch.kinds.items():
+            metrics.EVENTS.labels(kind).inc(count)
+        if recorded:
+            metrics.ALERTS.labels("recorded").inc(recorded)
+            if self.on_alerts is not None:
+                self.on_alerts(recorded)
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
