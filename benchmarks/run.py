@@ -500,7 +500,8 @@ class Bench:
         with log_path.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
                 str(script),
-                env={**os.environ, **self.env()},
+                # Its own metrics port: a worker started by scripts/up may hold the default.
+                env={**os.environ, **self.env(), "SYNC_WORKER_PORT": str(procs.free_port())},
                 cwd=procs.ROOT,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -35,6 +35,7 @@ class LuaScript:
     name: str
     source: str
     sha: str
+    sha_bytes: bytes
 
     async def __call__(self, redis: AnyRedis, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -56,7 +57,7 @@ def load_all() -> dict[str, LuaScript]:
     for name in OPERATIONS:
         source = read_script(name)
         sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-        scripts[name] = LuaScript(name, source, sha)
+        scripts[name] = LuaScript(name, source, sha, sha.encode())
     return scripts
 
 

@@ -15,20 +15,29 @@ def expires_rfc3339(ms: int) -> str:
     return f"{unix_rfc3339(seconds)[:-1]}.{millis:03d}Z"
 
 
-def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
-    plan, granted, limit, used, reserved, ps, pe, expires = answer.split("|")
+def period_usage(
+    plan: str, limit: str, used: str, reserved: str, ps: str, pe: str
+) -> dict[str, Any]:
+    """The usage fields every answer carries."""
     lim, use, res = int(limit), int(used), int(reserved)
     return {
-        "reservation_id": reservation_id,
-        "user_id": user_id,
         "plan": plan,
-        "granted": int(granted),
         "limit": lim,
         "used": use,
         "reserved": res,
         "remaining": remaining(lim, use, res),
         "period_start": unix_rfc3339(ps),
         "period_end": unix_rfc3339(pe),
+    }
+
+
+def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
+    plan, granted, limit, used, reserved, ps, pe, expires = answer.split("|")
+    return {
+        "reservation_id": reservation_id,
+        "user_id": user_id,
+        "granted": int(granted),
+        **period_usage(plan, limit, used, reserved, ps, pe),
         "expires_at": expires_rfc3339(int(expires)),
         "replayed": replayed,
     }
@@ -36,36 +45,22 @@ def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) 
 
 def refusal(answer: str) -> tuple[dict[str, Any], int]:
     """The usage fields of a quota_exceeded error, and the seconds to the period's end."""
-    plan, _, limit, used, reserved, _, pe, _ = answer.split("|")
-    lim, use, res = int(limit), int(used), int(reserved)
-    fields = {
-        "plan": plan,
-        "limit": lim,
-        "used": use,
-        "reserved": res,
-        "remaining": remaining(lim, use, res),
-        "period_end": unix_rfc3339(pe),
-    }
+    plan, _, limit, used, reserved, ps, pe, _ = answer.split("|")
+    fields = period_usage(plan, limit, used, reserved, ps, pe)
+    del fields["period_start"]
     retry_after = max(int(pe) - int(datetime.now(UTC).timestamp()), 1)
     return fields, retry_after
 
 
 def commit(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
     charged, released, used, reserved, limit, late, plan, ps, pe = answer.split("|")
-    lim, use, res = int(limit), int(used), int(reserved)
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,
         "status": "committed",
         "charged": int(charged),
         "released": int(released),
-        "plan": plan,
-        "limit": lim,
-        "used": use,
-        "reserved": res,
-        "remaining": remaining(lim, use, res),
-        "period_start": unix_rfc3339(ps),
-        "period_end": unix_rfc3339(pe),
+        **period_usage(plan, limit, used, reserved, ps, pe),
         "late": late == "1",
         "replayed": replayed,
     }
@@ -73,36 +68,22 @@ def commit(reservation_id: str, user_id: str, answer: str, replayed: bool) -> di
 
 def refund(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
     status, released, used, reserved, limit, plan, ps, pe = answer.split("|")
-    lim, use, res = int(limit), int(used), int(reserved)
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,
         "status": status,
         "released": int(released),
-        "plan": plan,
-        "limit": lim,
-        "used": use,
-        "reserved": res,
-        "remaining": remaining(lim, use, res),
-        "period_start": unix_rfc3339(ps),
-        "period_end": unix_rfc3339(pe),
+        **period_usage(plan, limit, used, reserved, ps, pe),
         "replayed": replayed,
     }
 
 
 def usage(user_id: str, answer: str) -> dict[str, Any]:
     plan, limit, used, reserved, credits, ps, pe = answer.split("|")
-    lim, use, res = int(limit), int(used), int(reserved)
     return {
         "user_id": user_id,
-        "plan": plan,
-        "limit": lim,
-        "used": use,
-        "reserved": res,
-        "remaining": remaining(lim, use, res),
+        **period_usage(plan, limit, used, reserved, ps, pe),
         "credits": int(credits),
-        "period_start": unix_rfc3339(ps),
-        "period_end": unix_rfc3339(pe),
     }
 
 

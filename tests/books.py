@@ -5,10 +5,8 @@ The books balance when the user's state agrees with the reservation records and 
 stream: `used` is the base seeded from Postgres plus what every commit charged, `reserved` is the
 sum of the open holds, and no reservation settled twice."""
 
-import asyncio
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,18 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
 from quota_common.schema import usage_totals
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05
-) -> None:
-    """Awaits a condition with a deadline: the async twin of tests.servers.wait_until."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await condition():
-            return
-        await asyncio.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @asynccontextmanager

@@ -1,13 +1,14 @@
 """Starting the project's own processes for tests, as operators run them: console scripts with
 settings in the environment, on loopback ports, awaited until they answer."""
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,18 @@ def wait_until(
             return
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.02
+) -> float:
+    """Awaits a condition with a deadline (the async twin of wait_until); the seconds it took."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
+    return time.monotonic() - started
 
 
 def answers(url: str) -> bool:

@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sidecar.client import QuotaClient, QuotaError, QuotaExceeded, QuotaUnavailable
 from tests.api import reserve, usage
-from tests.books import assert_books_balance, crowd, eventually, seed_used
-from tests.servers import free_port
+from tests.books import assert_books_balance, crowd, seed_used
+from tests.servers import eventually, free_port
 
 
 @pytest.fixture

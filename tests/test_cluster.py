@@ -15,8 +15,8 @@ from quota_common.periods import calendar_month
 from quota_common.schema import usage_events, usage_totals
 from tests.api import commit, refund, reserve, usage
 from tests.conftest import REDIS_URL, start_sidecar
-from tests.servers import RedisCluster
-from tests.sync.conftest import eventually, start_worker
+from tests.servers import RedisCluster, eventually
+from tests.sync.conftest import start_worker
 
 
 @pytest.fixture(scope="module")

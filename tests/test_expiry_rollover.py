@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 from quota_common.keys import user_keys
 from quota_common.periods import calendar_month, rfc3339
 from tests.api import commit, refund, reserve, usage
-from tests.books import assert_books_balance, crowd, eventually, field_of, hash_of, set_fields
+from tests.books import assert_books_balance, crowd, field_of, hash_of, set_fields
+from tests.servers import eventually
 
 DAY_S = 86_400
 

@@ -7,7 +7,8 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.api import commit, extend, refund, reserve, usage
-from tests.books import assert_books_balance, eventually, seed_used
+from tests.books import assert_books_balance, seed_used
+from tests.servers import eventually
 
 LIMIT = 100_000
 

@@ -4,7 +4,7 @@ FAIL_MODE decides reserves; commits made meanwhile are journalled and applied af
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,19 +17,10 @@ from quota_common.periods import calendar_month
 from quota_common.schema import usage_totals
 from tests.api import commit, reserve, usage
 from tests.conftest import start_sidecar
-from tests.servers import Process, RedisServer
+from tests.servers import Process, RedisServer, eventually
 
 # The contract's bound on an answer while Redis is down.
 ANSWER_BOUND_S = 0.1
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await condition():
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -103,7 +94,7 @@ async def test_paused_redis_is_503_fast_then_recovers(
     async def serves() -> bool:
         return (await reserve(closed_sidecar, "user-1", 10))[0] == 200
 
-    await wait_for(serves, 5, "the sidecar to serve again after SIGCONT")
+    await eventually(serves, 5, "the sidecar to serve again after SIGCONT")
 
 
 async def test_redis_back_empty_rebuilds_from_postgres(
@@ -125,7 +116,7 @@ async def test_redis_back_empty_rebuilds_from_postgres(
         status, body = await reserve(closed_sidecar, "carol", 40_000)
         return status == 429 and body["used"] == 70_000
 
-    await wait_for(rebuilt, 5, "a reserve against the rebuilt state")
+    await eventually(rebuilt, 5, "a reserve against the rebuilt state")
 
 
 async def test_fail_open_grants_the_outage_budget(
@@ -176,7 +167,7 @@ async def test_commits_during_an_outage_are_applied_after(
         response = await closed_sidecar.get("/v1/usage/frank")
         return response.status_code == 200 and response.json()["used"] == sum(range(40, 45))
 
-    await wait_for(applied, 10, "the journalled commits to reach Redis")
+    await eventually(applied, 10, "the journalled commits to reach Redis")
 
 
 async def test_sigterm_lets_in_flight_requests_finish(

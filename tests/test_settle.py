@@ -10,7 +10,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.keys import user_keys
 from tests.api import commit, refund, reserve, usage
-from tests.books import assert_books_balance, eventually, seed_used, stream_entries
+from tests.books import assert_books_balance, seed_used, stream_entries
+from tests.servers import eventually
+
+
+async def expired_hold(http: httpx.AsyncClient, user: str, rid: str, tokens: int) -> None:
+    """A 1 s hold, awaited until it no longer counts."""
+    await hold(http, user, rid, tokens, ttl_s=1)
+
+    async def released() -> bool:
+        return int((await usage(http, user))["reserved"]) == 0
+
+    await eventually(released, 5, "the 1 s hold to expire")
 
 
 async def hold(http: httpx.AsyncClient, user: str, rid: str, tokens: int, **fields: object) -> None:
@@ -126,12 +137,7 @@ async def test_commit_less_and_zero_release_the_rest(http: httpx.AsyncClient, re
 async def test_commit_after_expiry_is_charged_and_late(
     http: httpx.AsyncClient, redis: Redis
 ) -> None:
-    await hold(http, "u1", "r1", 1000, ttl_s=1)
-
-    async def released() -> bool:
-        return int((await usage(http, "u1"))["reserved"]) == 0
-
-    await eventually(released, 5, "the 1 s hold to expire")
+    await expired_hold(http, "u1", "r1", 1000)
     status, body = await commit(http, "u1", "r1", 800)
     assert status == 200 and body["late"] is True and body["charged"] == 800
     assert body["released"] == 0 and body["used"] == 800
@@ -263,12 +269,7 @@ async def test_commit_metadata_is_merged_over_the_reservation_s(
 async def test_refund_of_expired_hold_replays_after_a_late_commit(
     http: httpx.AsyncClient, redis: Redis
 ) -> None:
-    await hold(http, "u1", "r1", 1000, ttl_s=1)
-
-    async def released() -> bool:
-        return int((await usage(http, "u1"))["reserved"]) == 0
-
-    await eventually(released, 5, "the 1 s hold to expire")
+    await expired_hold(http, "u1", "r1", 1000)
     status, first = await refund(http, "u1", "r1")
     assert status == 200 and first["status"] == "expired"
     status, late = await commit(http, "u1", "r1", 300)

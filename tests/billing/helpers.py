@@ -1,13 +1,11 @@
 """Helpers of the billing tests: starting quota-billing-api, session tokens, hand-made JWTs,
 signed Stripe events, and polling a condition with a deadline."""
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +22,6 @@ ISSUER = "https://auth.test"
 AUDIENCE = "quota-billing"
 WEBHOOK_SECRET = "whsec_test_billing_secret"
 STRIPE_KEY = "sk_test_billing"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.02
-) -> float:
-    """Polls `check` until it is true; the seconds it took. A deadline, not a sleep."""
-    started = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(interval_s)
 
 
 def token(user_id: str | None, **claims: Any) -> str:

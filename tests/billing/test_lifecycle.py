@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from quota_common.accounts import PLAN_CHANNEL
 from quota_common.schema import customers, stripe_events
 from tests.api import reserve, usage
-from tests.billing.helpers import auth, eventually
+from tests.billing.helpers import auth
+from tests.servers import eventually
 
 
 async def sidecar_limit(http: httpx.AsyncClient, user_id: str, limit: int) -> float:

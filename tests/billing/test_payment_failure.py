@@ -9,7 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.schema import subscriptions
 from tests.api import usage
-from tests.billing.helpers import auth, eventually, send_event
+from tests.billing.helpers import auth, send_event
+from tests.servers import eventually
 
 
 async def status_of(pg: AsyncEngine, subscription_id: str) -> str | None:

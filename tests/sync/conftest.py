@@ -1,9 +1,7 @@
 """Fixtures of the sync worker tests: the worker in-process (for `run_once()` tests) or as a
 real `quota-sync-worker` process (for fault tests), and polling helpers."""
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +48,6 @@ async def worker(base_env: dict[str, str]) -> AsyncIterator[Worker]:
     await instance.start()
     yield instance
     await instance.close()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.05
-) -> None:
-    """Polls an async condition until it holds (never a bare sleep as synchronisation)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 async def drain(worker: Worker, rounds_max: int = 1000) -> int:

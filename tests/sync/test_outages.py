@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common import db
 from tests.conftest import start_sidecar
-from tests.servers import Process, RedisServer
-from tests.sync.conftest import eventually, start_worker
+from tests.servers import Process, RedisServer, eventually
+from tests.sync.conftest import start_worker
 from tests.sync.helpers import Load, PrivatePostgres, assert_books, books, drive, synced
 
 OUTAGE_S = 10

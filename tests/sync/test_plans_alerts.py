@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.accounts import PLAN_CHANNEL
 from tests.api import commit, reserve, usage
-from tests.servers import Process, free_port
-from tests.sync.conftest import eventually, rows, scalar, start_worker
+from tests.servers import Process, eventually, free_port
+from tests.sync.conftest import rows, scalar, start_worker
 from tests.sync.receiver import Receiver, signature_valid
 
 SECRET = "whsec_test_secret"

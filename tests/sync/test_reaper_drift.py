@@ -7,7 +7,8 @@ from quota_common import keys
 from sync_worker import metrics
 from sync_worker.worker import Worker
 from tests.api import commit, reserve
-from tests.sync.conftest import drain, eventually
+from tests.servers import eventually
+from tests.sync.conftest import drain
 
 
 async def test_reaper_releases_expired_holds_of_idle_users(

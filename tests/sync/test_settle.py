@@ -46,7 +46,7 @@ async def test_late_commit_after_expiry_replaces_the_expired_row(
         await worker.reaper.run_once()
         return await drain(worker) > 0
 
-    from tests.sync.conftest import eventually
+    from tests.servers import eventually
 
     await eventually(expired, 5, "the expiry to be settled")
     assert await rows(pg, "SELECT status, tokens_reserved, tokens_charged FROM usage_events") == [

@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common import keys
 from sync_worker.streams import STREAMS
-from tests.servers import BIN, Process
-from tests.sync.conftest import eventually, start_worker
+from tests.servers import BIN, Process, eventually
+from tests.sync.conftest import start_worker
 from tests.sync.helpers import Load, assert_books, drive, synced
 
 
