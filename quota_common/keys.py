@@ -7,6 +7,7 @@ one stream per bucket instead of one per user. BUCKETS is part of the stored lay
 it moves every user's keys (flush Redis and let the state rebuild from Postgres).
 """
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ class UserKeys:
         return self.record_prefix + reservation_id
 
 
+@functools.lru_cache(maxsize=65_536)
 def user_keys(user_id: str) -> UserKeys:
+    """Cached: the active users' key names are built once, not on every call."""
     bucket = bucket_of(user_id)
     tag = bucket_tag(bucket)
     # "/" is not allowed in ids, so "<user>/<reservation>" can never be read two ways.

@@ -37,7 +37,8 @@ from sidecar.outage import STORE_ERRORS, UNAVAILABLE, Journal
 JOURNAL_REPLAY_INTERVAL_S = 0.5
 # Ids the sidecar makes: a random prefix per process and a counter, unique without a syscall
 # per request (uuid4 reads os.urandom each time).
-reservation_ids = (f"r{secrets.token_hex(8)}{n:x}" for n in itertools.count())
+RESERVATION_ID_PREFIX = f"r{secrets.token_hex(8)}"
+reservation_ids = (f"{RESERVATION_ID_PREFIX}{n:x}" for n in itertools.count())
 log = logging.getLogger("sidecar")
 
 
