@@ -7,7 +7,11 @@ derived from the record prefix, sits in one slot and the scripts run unchanged o
 
 State hash fields: plan, quota (tokens of the plan), credits (one-off tokens of this period),
 used, reserved, ps/pe (period start/end, unix seconds), np/nq (plan and quota that take over
-at pe; absent = same plan), al (highest alert threshold fired this period, percent).
+at pe; absent = same plan), al (highest alert threshold fired this period, percent), ex (no
+hold of the user expires before it, unix ms; absent = no hold).
+
+Scripts name a user's keys in a table k: state, holds, stream, due (the KEYS of the call), user
+(the user id) and prefix (the record prefix q:{bN}:r:<user>/).
 Reservation record fields: s (status H held, C committed, R refunded, E expired), g (tokens
 held), x (expires at, unix ms), f (reserve fingerprint), md (metadata JSON), sb (reserve
 answer), ct (committed tokens), cb (commit answer), rb (refund answer).
@@ -70,94 +74,115 @@ local function month_bounds(now_s)
   return days_from_civil(y, m, 1) * 86400, days_from_civil(ny, nm, 1) * 86400
 end
 
--- Starts a new period when the current one has ended: usage, credits and alerts start from
--- zero, a scheduled plan (np/nq) takes over, FREE follows calendar months and a paid plan
--- repeats its period length until Stripe's renewal is applied.
-local function roll_period(state, now_s)
-  local f = redis.call('HMGET', state, 'plan', 'ps', 'pe', 'np', 'nq')
-  local pe = tonumber(f[3])
-  if now_s < pe then return end
-  local ps = tonumber(f[2])
-  local plan = f[4] or f[1]
-  if plan == 'FREE' then
-    ps, pe = month_bounds(now_s)
-  else
-    local length = math.max(pe - ps, 1)
-    local skipped = math.floor((now_s - pe) / length)
-    ps = pe + skipped * length
-    pe = ps + length
-  end
-  redis.call('HSET', state, 'plan', plan, 'ps', ps, 'pe', pe, 'used', 0, 'credits', 0, 'al', 0)
-  if f[5] then redis.call('HSET', state, 'quota', f[5]) end
-  redis.call('HDEL', state, 'np', 'nq')
-end
-
--- Settles every hold of the user whose expiry has passed: the tokens stop counting and the
--- settlement goes to the bucket's stream for the sync worker, in this same call.
-local function sweep_expired(state, holds, record_prefix, stream, user, now)
-  local ps = nil
-  repeat
-    local due = redis.call('ZRANGEBYSCORE', holds, '-inf', now, 'LIMIT', 0, SWEEP_BATCH_MAX)
-    if #due == 0 then return end
-    local released = 0
-    ps = ps or redis.call('HGET', state, 'ps')
-    for _, rid in ipairs(due) do
-      local record = record_prefix .. rid
-      local r = redis.call('HMGET', record, 'g', 'md')
-      local held = tonumber(r[1]) or 0
-      released = released + held
-      redis.call('HSET', record, 's', 'E')
-      redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-      redis.call('XADD', stream, '*', 'k', 'expired', 'u', user, 'r', rid, 'tr', int(held), 'tc', 0,
-        'l', 0, 'md', r[2] or '', 't', int(now), 'ps', ps)
-    end
-    redis.call('ZREM', holds, unpack(due))
-    if released > 0 then redis.call('HINCRBY', state, 'reserved', -released) end
-  until #due < SWEEP_BATCH_MAX
-end
-
--- Keeps the bucket's due set (user -> earliest hold expiry) true enough for the reaper: a score
--- may be early (the reaper then finds nothing), never late.
-local function track_due(holds, due_set, user)
-  local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
-  if first[2] then
-    redis.call('ZADD', due_set, first[2], user)
-  else
-    redis.call('ZREM', due_set, user)
-  end
-end
-
-local function usage_of(state)
-  local f = redis.call('HMGET', state, 'plan', 'quota', 'credits', 'used', 'reserved', 'ps', 'pe')
-  local credits = tonumber(f[3]) or 0
+-- The user's state in one call, as numbers where they are numbers; nil when Redis does not know
+-- the user. Operations decide on this table and write back only the fields they change.
+local function read_state(key)
+  local f = redis.call('HMGET', key, 'plan', 'quota', 'credits', 'used', 'reserved', 'ps', 'pe',
+    'np', 'nq', 'al', 'ex')
+  if not f[1] then return nil end
   return {
-    plan = f[1], limit = tonumber(f[2]) + credits, credits = credits,
-    used = tonumber(f[4]), reserved = tonumber(f[5]), ps = f[6], pe = f[7],
+    plan = f[1], quota = tonumber(f[2]), credits = tonumber(f[3]) or 0, used = tonumber(f[4]),
+    reserved = tonumber(f[5]), ps = tonumber(f[6]), pe = tonumber(f[7]), np = f[8], nq = f[9],
+    al = tonumber(f[10]) or 0, ex = tonumber(f[11]),
   }
 end
 
--- Brings a loaded user's state up to date; false when Redis does not know the user.
-local function touch(state, holds, record_prefix, stream, user, now)
-  if redis.call('EXISTS', state) == 0 then return false end
-  roll_period(state, math.floor(now / 1000))
-  sweep_expired(state, holds, record_prefix, stream, user, now)
-  return true
+local function limit_of(s)
+  return s.quota + s.credits
+end
+
+-- Starts a new period when the current one has ended: usage, credits and alerts start from
+-- zero, a scheduled plan (np/nq) takes over, FREE follows calendar months and a paid plan
+-- repeats its period length until Stripe's renewal is applied.
+local function roll_period(key, s, now_s)
+  if now_s < s.pe then return end
+  s.plan = s.np or s.plan
+  if s.plan == 'FREE' then
+    s.ps, s.pe = month_bounds(now_s)
+  else
+    local length = math.max(s.pe - s.ps, 1)
+    s.ps = s.pe + math.floor((now_s - s.pe) / length) * length
+    s.pe = s.ps + length
+  end
+  s.quota = tonumber(s.nq) or s.quota
+  s.used, s.credits, s.al, s.np, s.nq = 0, 0, 0, nil, nil
+  redis.call('HSET', key, 'plan', s.plan, 'quota', int(s.quota), 'ps', int(s.ps), 'pe', int(s.pe),
+    'used', 0, 'credits', 0, 'al', 0)
+  redis.call('HDEL', key, 'np', 'nq')
+end
+
+-- Settles every hold of the user whose expiry has passed: the tokens stop counting and the
+-- settlement goes to the bucket's stream for the sync worker, in this same call. Then `ex` and
+-- the bucket's due set (for the reaper) name the next expiry exactly.
+local function sweep_expired(k, s, now)
+  repeat
+    local due = redis.call('ZRANGEBYSCORE', k.holds, '-inf', now, 'LIMIT', 0, SWEEP_BATCH_MAX)
+    for _, rid in ipairs(due) do
+      local record = k.prefix .. rid
+      local r = redis.call('HMGET', record, 'g', 'md')
+      local held = tonumber(r[1]) or 0
+      s.reserved = s.reserved - held
+      redis.call('HSET', record, 's', 'E')
+      redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
+      redis.call('XADD', k.stream, '*', 'k', 'expired', 'u', k.user, 'r', rid, 'tr', int(held),
+        'tc', 0, 'l', 0, 'md', r[2] or '', 't', int(now), 'ps', int(s.ps))
+    end
+    if #due > 0 then redis.call('ZREM', k.holds, unpack(due)) end
+  until #due < SWEEP_BATCH_MAX
+  local next_hold = redis.call('ZRANGE', k.holds, 0, 0, 'WITHSCORES')
+  s.ex = tonumber(next_hold[2])
+  if s.ex then
+    redis.call('HSET', k.state, 'reserved', int(s.reserved), 'ex', next_hold[2])
+    redis.call('ZADD', k.due, next_hold[2], k.user)
+  else
+    redis.call('HSET', k.state, 'reserved', int(s.reserved))
+    redis.call('HDEL', k.state, 'ex')
+    redis.call('ZREM', k.due, k.user)
+  end
+end
+
+-- The user's state brought up to date (period rolled, expired holds settled), or nil when Redis
+-- does not know the user. `ex` is a lower bound of the user's hold expiries (commits and refunds
+-- leave it early), so the holds are only looked at when one may have expired; `sweep` forces
+-- the look (the reaper's call, which also corrects an early due score).
+local function touch(k, now, sweep)
+  local s = read_state(k.state)
+  if not s then return nil end
+  roll_period(k.state, s, math.floor(now / 1000))
+  if sweep or (s.ex and s.ex <= now) then sweep_expired(k, s, now) end
+  return s
+end
+
+-- Writes the state's `reserved` after a hold was placed or raised. The hold's expiry can only
+-- move `ex` and the due score earlier (a score may be early, never late).
+local function save_hold(k, s, expires)
+  if s.ex and s.ex <= expires then
+    redis.call('HSET', k.state, 'reserved', int(s.reserved))
+  else
+    s.ex = expires
+    redis.call('HSET', k.state, 'reserved', int(s.reserved), 'ex', int(expires))
+    redis.call('ZADD', k.due, 'LT', expires, k.user)
+  end
+end
+
+-- The answer of usage.lua, grant.lua and reset.lua: "plan|limit|used|reserved|credits|ps|pe".
+local function usage_answer(s)
+  return join({s.plan, limit_of(s), s.used, s.reserved, s.credits, s.ps, s.pe})
 end
 
 -- Adds an alert entry to the stream for each threshold (percent of the limit) that usage has
--- reached for the first time this period; `al` remembers the highest one fired.
-local function fire_alerts(state, stream, user, u, thresholds, now)
-  local fired = tonumber(redis.call('HGET', state, 'al')) or 0
-  local highest = fired
+-- reached for the first time this period; returns the highest threshold fired so far (`al`).
+local function fire_alerts(k, s, thresholds, now)
+  local limit, highest = limit_of(s), s.al
   for percent in string.gmatch(thresholds, '%d+') do
     percent = tonumber(percent)
-    if percent > fired and u.used * 100 >= percent * u.limit then
+    if percent > s.al and s.used * 100 >= percent * limit then
       highest = percent
-      redis.call('XADD', stream, '*', 'k', 'alert', 'u', user, 'th', percent, 'lim', int(u.limit),
-        'used', int(u.used), 'ps', u.ps, 'pe', u.pe, 't', int(now))
+      redis.call('XADD', k.stream, '*', 'k', 'alert', 'u', k.user, 'th', percent,
+        'lim', int(limit), 'used', int(s.used), 'ps', int(s.ps), 'pe', int(s.pe), 't', int(now))
     end
   end
-  if highest > fired then redis.call('HSET', state, 'al', highest) end
+  return highest
 end
 
 -- Mirrors quota_common.codes.Code.

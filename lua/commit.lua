@@ -11,53 +11,59 @@ ARGV[4] metadata JSON of the commit ('' = keep the reservation's)
 ARGV[5] record prefix
 ARGV[6] alert thresholds, percents ascending ("80,90,100"): each one crossed for the first
         time this period adds an alert entry to the stream
+ARGV[7] '1' to charge a reservation Redis has no record of; '0' answers NOT_FOUND instead, so
+        the caller can first ask Postgres whether it was settled before Redis lost the record
 
-Returns {code, answer}, answer = "charged|released|used|reserved|limit|late|plan|ps|pe":
-  OK (0); REPLAYED (1) the first answer; NOT_LOADED (-1);
-  IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6).
+Returns {code, answer}, answer = "charged|released|used|reserved|limit|late|plan|ps|pe|held"
+(held: the tokens the hold had, 0 when late):
+  OK (0); REPLAYED (1) the first answer; NOT_LOADED (-1); NOT_FOUND (-4) no record (ARGV[7]
+  '0'); IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6)
+  refunded, or a refund was answered for its expired hold.
 ]]
-local state, holds, record, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local user, rid, tokens, metadata = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local record_prefix, thresholds = ARGV[5], ARGV[6]
+local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
+  prefix = ARGV[5]}
+local record, rid, tokens, metadata = KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local thresholds, charge_unknown = ARGV[6], ARGV[7] == '1'
 
 local now = now_ms()
-if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
+local s = touch(k, now)
+if not s then return {NOT_LOADED, ''} end
 
-local r = redis.call('HMGET', record, 's', 'g', 'ct', 'cb', 'md')
-local status, held = r[1], tonumber(r[2]) or 0
+local r = redis.call('HMGET', record, 's', 'g', 'ct', 'cb', 'md', 'rb')
+local status = r[1]
 if status == 'C' then
   if tonumber(r[3]) ~= tokens then return {IDEMPOTENCY_CONFLICT, ''} end
   return {REPLAYED, r[4]}
 end
-if status == 'R' then return {ALREADY_REFUNDED, ''} end
+if status == 'R' or r[6] then return {ALREADY_REFUNDED, ''} end
+if not status and not charge_unknown then return {NOT_FOUND, ''} end
 
-local late = status ~= 'H'
-local released = 0
-if not late then
+-- A late commit (expired or unknown) has no hold left: an expired one was already released and
+-- streamed, and this settlement replaces it.
+local held, released = 0, 0
+if status == 'H' then
+  held = tonumber(r[2])
   released = math.max(held - tokens, 0)
-  redis.call('HINCRBY', state, 'reserved', -held)
-  redis.call('ZREM', holds, rid)
-  track_due(holds, due_set, user)
-else
-  -- The expired hold was already released and streamed; this settlement replaces it.
-  held = 0
+  s.reserved = s.reserved - held
+  redis.call('ZREM', k.holds, rid)
 end
-if tokens > 0 then redis.call('HINCRBY', state, 'used', tokens) end
+local late = status ~= 'H'
+s.used = s.used + tokens
 
 if metadata == '' then
   metadata = r[5] or ''
 elseif r[5] and r[5] ~= '' then
   local merged = cjson.decode(r[5])
-  for k, v in pairs(cjson.decode(metadata)) do merged[k] = v end
+  for key, v in pairs(cjson.decode(metadata)) do merged[key] = v end
   metadata = cjson.encode(merged)
 end
 
-local u = usage_of(state)
-local answer = join({tokens, released, u.used, u.reserved, u.limit, late and 1 or 0,
-  u.plan, u.ps, u.pe})
-redis.call('HSET', record, 's', 'C', 'ct', tokens, 'cb', answer)
+local answer = join({tokens, released, s.used, s.reserved, limit_of(s), late and 1 or 0, s.plan,
+  s.ps, s.pe, held})
+redis.call('HSET', record, 's', 'C', 'ct', int(tokens), 'cb', answer)
 redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-redis.call('XADD', stream, '*', 'k', 'committed', 'u', user, 'r', rid, 'tr', held, 'tc', tokens,
-  'l', late and 1 or 0, 'md', metadata, 't', int(now), 'ps', u.ps)
-if tokens > 0 then fire_alerts(state, stream, user, u, thresholds, now) end
+redis.call('XADD', k.stream, '*', 'k', 'committed', 'u', k.user, 'r', rid, 'tr', int(held),
+  'tc', int(tokens), 'l', late and 1 or 0, 'md', metadata, 't', int(now), 'ps', int(s.ps))
+if tokens > 0 then s.al = fire_alerts(k, s, thresholds, now) end
+redis.call('HSET', k.state, 'reserved', int(s.reserved), 'used', int(s.used), 'al', s.al)
 return {OK, answer}

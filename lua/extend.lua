@@ -15,12 +15,13 @@ Returns {code, answer}, answer as in reserve.lua ("plan|granted|limit|used|reser
   ALREADY_COMMITTED (-5); ALREADY_REFUNDED (-6); EXPIRED (-7);
   BELOW_HOLD (-8) the total asked is less than the hold (answer: the tokens held).
 ]]
-local state, holds, record, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local user, rid, tokens, ttl_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local record_prefix = ARGV[5]
+local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
+  prefix = ARGV[5]}
+local record, rid, tokens, ttl_ms = KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local now = now_ms()
-if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
+local s = touch(k, now)
+if not s then return {NOT_LOADED, ''} end
 
 local r = redis.call('HMGET', record, 's', 'g', 'x')
 local status, held, expires = r[1], tonumber(r[2]), tonumber(r[3])
@@ -30,19 +31,16 @@ if status == 'R' then return {ALREADY_REFUNDED, ''} end
 if status == 'E' then return {EXPIRED, ''} end
 if tokens < held then return {BELOW_HOLD, tostring(held)} end
 
-local u = usage_of(state)
+local limit = limit_of(s)
 local extra = tokens - held
-if extra > u.limit - u.used - u.reserved then
-  return {QUOTA_EXCEEDED, join({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0})}
-end
-if extra > 0 then
-  u.reserved = redis.call('HINCRBY', state, 'reserved', extra)
-  redis.call('HSET', record, 'g', tokens)
+if extra > limit - s.used - s.reserved then
+  return {QUOTA_EXCEEDED, join({s.plan, 0, limit, s.used, s.reserved, s.ps, s.pe, 0})}
 end
 if ttl_ms > 0 then
   expires = now + ttl_ms
-  redis.call('HSET', record, 'x', expires)
-  redis.call('ZADD', holds, expires, rid)
-  track_due(holds, due_set, user)
+  redis.call('ZADD', k.holds, expires, rid)
 end
-return {OK, join({u.plan, tokens, u.limit, u.used, u.reserved, u.ps, u.pe, expires})}
+s.reserved = s.reserved + extra
+redis.call('HSET', record, 'g', int(tokens), 'x', int(expires))
+save_hold(k, s, expires)
+return {OK, join({s.plan, tokens, limit, s.used, s.reserved, s.ps, s.pe, expires})}

@@ -11,13 +11,14 @@ ARGV[4] the period they belong to (start, unix seconds): ignored when Redis is i
 Returns {code, answer}, answer as in usage.lua ("plan|limit|used|reserved|credits|ps|pe"):
   OK (0); NOT_LOADED (-1).
 ]]
-local state, holds, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, record_prefix, credits, period_start = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[3], due = KEYS[4], user = ARGV[1],
+  prefix = ARGV[2]}
+local credits, period_start = tonumber(ARGV[3]), tonumber(ARGV[4])
 
-local now = now_ms()
-if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
-if redis.call('HGET', state, 'ps') == period_start then
-  redis.call('HSET', state, 'credits', credits)
+local s = touch(k, now_ms())
+if not s then return {NOT_LOADED, ''} end
+if s.ps == period_start then
+  s.credits = credits
+  redis.call('HSET', k.state, 'credits', int(credits))
 end
-local u = usage_of(state)
-return {OK, join({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe})}
+return {OK, usage_answer(s)}

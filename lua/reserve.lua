@@ -20,14 +20,16 @@ Returns {code, answer}, answer = "plan|granted|limit|used|reserved|ps|pe|expires
   QUOTA_EXCEEDED (-2) nothing held (granted and expires_ms are 0);
   IDEMPOTENCY_CONFLICT (-3) the id was used with other fields (answer '').
 ]]
-local state, holds, record, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local user, rid = ARGV[1], ARGV[2]
+local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
+  prefix = ARGV[7]}
+local record, rid = KEYS[3], ARGV[2]
 local tokens, min_tokens, ttl_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local metadata, record_prefix = ARGV[6], ARGV[7]
+local metadata = ARGV[6]
 local fingerprint = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. metadata
 
 local now = now_ms()
-if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
+local s = touch(k, now)
+if not s then return {NOT_LOADED, ''} end
 
 -- An id already settled by a late commit has no fingerprint: any reserve with it conflicts.
 local known = redis.call('HMGET', record, 's', 'f', 'sb')
@@ -36,23 +38,22 @@ if known[1] then
   return {REPLAYED, known[3]}
 end
 
-local u = usage_of(state)
-local available = u.limit - u.used - u.reserved
+local limit = limit_of(s)
+local available = limit - s.used - s.reserved
 local granted = tokens
 if tokens > available then
   if min_tokens > 0 and available >= min_tokens then
     granted = available
   else
-    return {QUOTA_EXCEEDED, join({u.plan, 0, u.limit, u.used, u.reserved, u.ps, u.pe, 0})}
+    return {QUOTA_EXCEEDED, join({s.plan, 0, limit, s.used, s.reserved, s.ps, s.pe, 0})}
   end
 end
 
 local expires = now + ttl_ms
-local reserved = redis.call('HINCRBY', state, 'reserved', granted)
-local answer = join({u.plan, granted, u.limit, u.used, reserved, u.ps, u.pe, expires})
-redis.call('HSET', record, 's', 'H', 'g', granted, 'x', expires, 'f', fingerprint, 'md', metadata,
-  'sb', answer)
-redis.call('ZADD', holds, expires, rid)
--- LT adds a new user and only ever moves an existing one earlier.
-redis.call('ZADD', due_set, 'LT', expires, user)
+s.reserved = s.reserved + granted
+local answer = join({s.plan, granted, limit, s.used, s.reserved, s.ps, s.pe, expires})
+redis.call('HSET', record, 's', 'H', 'g', int(granted), 'x', int(expires), 'f', fingerprint,
+  'md', metadata, 'sb', answer)
+redis.call('ZADD', k.holds, expires, rid)
+save_hold(k, s, expires)
 return {OK, answer}

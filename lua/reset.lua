@@ -10,12 +10,13 @@ ARGV[2] record prefix
 Returns {code, answer}, answer as in usage.lua ("plan|limit|used|reserved|credits|ps|pe"):
   OK (0); NOT_LOADED (-1).
 ]]
-local state, holds, stream, due_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local user, record_prefix = ARGV[1], ARGV[2]
+local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[3], due = KEYS[4], user = ARGV[1],
+  prefix = ARGV[2]}
 
 local now = now_ms()
-if not touch(state, holds, record_prefix, stream, user, now) then return {NOT_LOADED, ''} end
-redis.call('HSET', state, 'used', 0, 'al', 0)
-local u = usage_of(state)
-redis.call('XADD', stream, '*', 'k', 'reset', 'u', user, 'ps', u.ps, 't', int(now))
-return {OK, join({u.plan, u.limit, u.used, u.reserved, u.credits, u.ps, u.pe})}
+local s = touch(k, now)
+if not s then return {NOT_LOADED, ''} end
+s.used, s.al = 0, 0
+redis.call('HSET', k.state, 'used', 0, 'al', 0)
+redis.call('XADD', k.stream, '*', 'k', 'reset', 'u', k.user, 'ps', int(s.ps), 't', int(now))
+return {OK, usage_answer(s)}

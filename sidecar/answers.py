@@ -43,6 +43,11 @@ def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) 
     }
 
 
+def commit_held(answer: str) -> int:
+    """The tokens the committed hold had (0 for a late commit)."""
+    return int(answer.rsplit("|", 1)[1])
+
+
 def refusal(answer: str) -> tuple[dict[str, Any], int]:
     """The usage fields of a quota_exceeded error, and the seconds to the period's end."""
     plan, _, limit, used, reserved, ps, pe, _ = answer.split("|")
@@ -53,7 +58,7 @@ def refusal(answer: str) -> tuple[dict[str, Any], int]:
 
 
 def commit(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
-    charged, released, used, reserved, limit, late, plan, ps, pe = answer.split("|")
+    charged, released, used, reserved, limit, late, plan, ps, pe, _ = answer.split("|")
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,

@@ -177,8 +177,8 @@ def create_app(
         if code == Code.OK:
             metrics.CHARGED.inc(result["charged"])
             metrics.RELEASED.inc(result["released"])
-            held = result["charged"] + result["released"]
-            if held and not result["late"]:
+            held = answers.commit_held(answer)
+            if held:
                 metrics.CHARGE_RATIO.observe(result["charged"] / held)
         return Answer(result)
 

@@ -1,16 +1,21 @@
-"""The sidecar's side of the Lua ledger: one script call per operation, and the cold load of a
-user Redis does not know (seeded from Postgres once, however many requests wait for it)."""
+"""The sidecar's side of the Lua ledger: one script call per operation, the cold load of a user
+Redis does not know (seeded from Postgres once, however many requests wait for it), and
+Postgres' word on a reservation Redis has no record of (settled before Redis lost it, or more
+than a day ago)."""
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.accounts import load_account
 from quota_common.codes import Code
 from quota_common.keys import UserKeys
 from quota_common.plans import Plan
+from quota_common.schema import usage_events
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
 from sidecar import metrics
 from sidecar.outage import STORE_ERRORS, Breaker, StoreUnavailable
@@ -18,6 +23,16 @@ from sidecar.pipeline import ScriptPipeline
 
 # Loads of a user that Redis keeps losing before the call lands, before answering 503.
 LOAD_ATTEMPTS_MAX = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A reservation's settlement as Postgres recorded it (usage_events)."""
+
+    status: str  # committed, refunded, expired
+    tokens_reserved: int
+    tokens_charged: int
+    late: bool
 
 
 class Ledger:
@@ -116,12 +131,56 @@ class Ledger:
     ) -> tuple[Code, str]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix, self.thresholds]
-        return await self.run(SCRIPTS["commit"], user, keys, args)
+        code, answer = await self.run(SCRIPTS["commit"], user, keys, [*args, "0"])
+        if code != Code.NOT_FOUND:
+            return code, answer
+        settled = await self.settled(user, reservation_id)
+        if settled is not None and settled.status == "committed":
+            if settled.tokens_charged != tokens:
+                return Code.IDEMPOTENCY_CONFLICT, ""
+            held = 0 if settled.late else settled.tokens_reserved
+            released = max(held - settled.tokens_charged, 0)
+            plan, limit, used, reserved, _, ps, pe = (await self.usage(user))[1].split("|")
+            late = int(settled.late)
+            fields = [tokens, released, used, reserved, limit, late, plan, ps, pe, held]
+            return Code.REPLAYED, "|".join(map(str, fields))
+        if settled is not None and settled.status == "refunded":
+            return Code.ALREADY_REFUNDED, ""
+        # Never settled, or its hold expired: a late commit, charged.
+        return await self.run(SCRIPTS["commit"], user, keys, [*args, "1"])
 
     async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, str]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [user.user_id, reservation_id, user.record_prefix]
-        return await self.run(SCRIPTS["refund"], user, keys, args)
+        code, answer = await self.run(SCRIPTS["refund"], user, keys, args)
+        if code != Code.NOT_FOUND:
+            return code, answer
+        settled = await self.settled(user, reservation_id)
+        if settled is None:
+            return code, answer
+        if settled.status == "committed":
+            return Code.ALREADY_COMMITTED, ""
+        plan, limit, used, reserved, _, ps, pe = (await self.usage(user))[1].split("|")
+        fields = [settled.status, settled.tokens_reserved, used, reserved, limit, plan, ps, pe]
+        replayed = Code.REPLAYED if settled.status == "refunded" else Code.OK
+        return replayed, "|".join(map(str, fields))
+
+    async def settled(self, user: UserKeys, reservation_id: str) -> Settled | None:
+        """How Postgres recorded the reservation's settlement, if it did."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    usage_events.c.status,
+                    usage_events.c.tokens_reserved,
+                    usage_events.c.tokens_charged,
+                    usage_events.c.late,
+                ).where(
+                    usage_events.c.user_id == user.user_id,
+                    usage_events.c.reservation_id == reservation_id,
+                )
+            )
+            row = result.first()
+        return None if row is None else Settled(*row)
 
     async def usage(self, user: UserKeys) -> tuple[Code, str]:
         return await self.run_on_state(SCRIPTS["usage"], user)

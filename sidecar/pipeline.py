@@ -1,141 +1,240 @@
 """Script calls batched per event-loop turn.
 
-Every script call that the requests of one loop turn make is sent to Redis as one
-non-transactional pipeline (in chunks), so a burst of requests costs a few round trips instead
-of one each. Each call is still its own atomic script: batching only shares the socket. A call
-whose script Redis lost (NOSCRIPT) is sent again on its own, which loads it.
+Every script call that the requests of one loop turn make is written to Redis at once, as one
+non-transactional pipeline, so a burst of requests costs one round trip instead of one each. Each
+call is still its own atomic script: batching only shares the socket. A call whose script Redis
+lost (NOSCRIPT) is sent again as EVAL with its source, which loads it.
 
-On a single Redis the chunks go over a few connections this module owns, written and read
-directly (redis-py's Connection and hiredis parser) under one deadline per chunk: the pool and
-pipeline layers of redis-py cost more CPU than the script itself. On a cluster, redis-py's
-cluster pipeline routes each call by its key.
+On a single Redis the calls share one connection: redis-py opens it (address, TLS, AUTH, SELECT),
+then `RedisLink` takes the socket over and hands each reply to its caller's future as it arrives,
+in order, under one deadline per call. redis-py's pool, stream and parser layers cost more CPU per
+call than the script itself; here a reply costs a hiredis parse and a future's result. On a
+cluster, redis-py's cluster pipeline routes each call by its key.
 """
 
 import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from quota_common.scripts import AnyRedis, LuaScript
 
-# A chunk large enough to amortise a round trip, small enough that one slow chunk does not
-# hold up a whole burst; a few chunks in flight keep Redis busy while Python parses answers.
-CHUNK_CALLS_MAX = 32
-CHUNKS_IN_FLIGHT_MAX = 4
 
-Call = tuple[LuaScript, Sequence[str], Sequence[Any], "asyncio.Future[Any]"]
+@dataclass(slots=True)
+class ScriptCall:
+    script: LuaScript
+    keys: Sequence[str]
+    args: Sequence[Any]
+    future: "asyncio.Future[Any]"
+    deadline: float = 0.0
+
+
+class RedisLink(asyncio.Protocol):
+    """One Redis connection: calls are written as they come and replies matched to them in the
+    order Redis answers. A call not answered by its deadline fails every call in flight and
+    closes the link (a half-read reply must never answer the next call)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        self.transport: asyncio.Transport | None = None
+        self.in_flight: deque[ScriptCall] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.stream_writer: asyncio.StreamWriter | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.transport is not None
+
+    def take_over(self, connection: AbstractConnection) -> None:
+        """Moves a connected redis-py connection's socket to this protocol."""
+        writer = connection._writer
+        if writer is None:
+            raise ConnectionError("the Redis connection closed during its handshake")
+        # The connection object no longer owns the socket: it must not close it when collected.
+        # The stream writer closes its transport when collected, so the link keeps it.
+        connection._writer = connection._reader = None
+        self.stream_writer = writer
+        transport: Any = writer.transport
+        transport.set_protocol(self)
+        self.connection_made(transport)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError(f"Redis closed the connection: {exc or 'EOF'}"))
+
+    def send(self, calls: list[ScriptCall]) -> None:
+        if self.transport is None:
+            raise ConnectionError("the Redis connection is closed")
+        deadline = self.loop.time() + self.timeout_s
+        for call in calls:
+            call.deadline = deadline
+        self.transport.write(b"".join(evalsha_command(c.script, c.keys, c.args) for c in calls))
+        self.in_flight.extend(calls)
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self.check_deadline)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as error:
+                self.fail(ConnectionError(f"Redis sent a malformed reply: {error}"))
+                return
+            if reply is False:
+                return
+            if not self.in_flight:
+                self.fail(ConnectionError("Redis sent a reply nobody asked for"))
+                return
+            call = self.in_flight.popleft()
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                self.resend_with_source(call)
+            else:
+                settle(call.future, reply)
+
+    def resend_with_source(self, call: ScriptCall) -> None:
+        # NOSCRIPT means the script did not run: sending it again cannot apply it twice.
+        assert self.transport is not None
+        call.deadline = self.loop.time() + self.timeout_s
+        self.transport.write(
+            pack(b"EVAL", call.script.source.encode(), len(call.keys), *call.keys, *call.args)
+        )
+        self.in_flight.append(call)
+
+    def check_deadline(self) -> None:
+        self.timer = None
+        if not self.in_flight:
+            return
+        deadline = self.in_flight[0].deadline
+        if self.loop.time() >= deadline:
+            self.fail(TimeoutError(f"Redis did not answer within {self.timeout_s:g} s"))
+        else:
+            self.timer = self.loop.call_at(deadline, self.check_deadline)
+
+    def fail(self, error: Exception) -> None:
+        transport, self.transport = self.transport, None
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.in_flight:
+            settle(self.in_flight.popleft().future, error)
 
 
 class ScriptPipeline:
     def __init__(self, redis: AnyRedis, timeout_s: float) -> None:
         self.redis = redis
         self.timeout_s = timeout_s
-        self.pending: list[Call] = []
-        self.in_flight = 0
+        self.pending: list[ScriptCall] = []
         self.flush_scheduled = False
         # Looked up once: on Python 3.11 every get_running_loop() costs a getpid() syscall.
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.idle: list[AbstractConnection] = []
-        if isinstance(redis, Redis):
-            options = dict(redis.connection_pool.connection_kwargs)
-            # The chunk's deadline replaces per-read timeouts (each costs a timer or a task).
-            options.update(socket_timeout=None)
-            connection_class = redis.connection_pool.connection_class
-            self.idle = [connection_class(**options) for _ in range(CHUNKS_IN_FLIGHT_MAX)]
+        self.link: RedisLink | None = None
+        self.opening: asyncio.Task[None] | None = None
 
     async def call(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self.pending.append((script, keys, args, future))
+        self.pending.append(ScriptCall(script, keys, args, future))
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            loop.call_soon(self._flush)
+            loop.call_soon(self.flush)
         return await future
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         self.flush_scheduled = False
-        while self.pending and self.in_flight < CHUNKS_IN_FLIGHT_MAX:
-            chunk = self.pending[:CHUNK_CALLS_MAX]
-            del self.pending[:CHUNK_CALLS_MAX]
-            self.in_flight += 1
-            self.running_loop().create_task(self._send(chunk))
+        if not self.pending:
+            return
+        if isinstance(self.redis, RedisCluster):
+            calls, self.pending = self.pending, []
+            self.running_loop().create_task(self.over_cluster(calls))
+        elif self.link is not None and self.link.alive:
+            calls, self.pending = self.pending, []
+            self.link.send(calls)
+        elif self.opening is None:
+            self.opening = self.running_loop().create_task(self.open_link())
 
-    async def _send(self, chunk: list[Call]) -> None:
+    async def open_link(self) -> None:
+        """Connects (the calls of the meantime wait in `pending`), then sends them."""
         try:
-            if isinstance(self.redis, RedisCluster):
-                results = await self._over_cluster(chunk)
-            else:
-                results = await self._over_connection(chunk)
-            for (script, keys, args, future), result in zip(chunk, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    result = await script(self.redis, list(keys), list(args))
-                settle(future, result)
+            self.link = await self.connected_link()
         except Exception as error:
-            for *_, future in chunk:
-                if not future.done():
-                    future.set_exception(error)
+            calls, self.pending = self.pending, []
+            for call in calls:
+                settle(call.future, error)
         finally:
-            self.in_flight -= 1
-            if self.pending and not self.flush_scheduled:
-                self.flush_scheduled = True
-                self.running_loop().call_soon(self._flush)
+            self.opening = None
+        self.flush()
 
-    async def _over_connection(self, chunk: list[Call]) -> list[Any]:
-        connection = self.idle.pop()
+    async def connected_link(self) -> RedisLink:
+        assert isinstance(self.redis, Redis)
+        pool = self.redis.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)
         try:
             async with asyncio.timeout(self.timeout_s):
-                packed = b"".join(
-                    evalsha_command(script.sha_bytes, keys, args) for script, keys, args, _ in chunk
-                )
-                await connection.send_packed_command(packed, check_health=False)
-                results: list[Any] = []
-                for _ in chunk:
-                    try:
-                        results.append(await connection.read_response(disconnect_on_error=False))
-                    except ResponseError as error:
-                        results.append(error)
-            return results
+                await connection.connect_check_health(check_health=False)
         except BaseException:
-            # Half-read replies would answer the next chunk's calls: start afresh.
-            await connection.disconnect(nowait=True)
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
             raise
-        finally:
-            self.idle.append(connection)
+        link = RedisLink(self.running_loop(), self.timeout_s)
+        link.take_over(connection)
+        return link
 
-    async def _over_cluster(self, chunk: list[Call]) -> list[Any]:
+    async def over_cluster(self, calls: list[ScriptCall]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for script, keys, args, _ in chunk:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
+        for call in calls:
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                results = await pipe.execute(raise_on_error=False)
+            for call, result in zip(calls, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    result = await call.script(self.redis, list(call.keys), list(call.args))
+                settle(call.future, result)
+        except Exception as error:
+            for call in calls:
+                settle(call.future, error)
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         return self.loop or asyncio.get_running_loop()
 
     async def connect(self) -> None:
-        """Opens the owned connections ahead of the first requests, whose deadline is short."""
-        for connection in self.idle:
-            await connection.connect_check_health(check_health=False)
+        """Opens the connection ahead of the first requests, whose deadline is short."""
+        if isinstance(self.redis, Redis) and self.link is None:
+            self.link = await self.connected_link()
 
     async def aclose(self) -> None:
-        for connection in self.idle:
-            await connection.disconnect()
+        if self.link is not None:
+            self.link.fail(ConnectionError("the sidecar is shutting down"))
 
 
-def evalsha_command(sha: bytes, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    """EVALSHA in the Redis protocol, written here: redis-py's general encoder cost more than
-    the rest of the call. Arguments are str or int, as the ledger passes them."""
-    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), sha)]
-    count = str(len(keys)).encode()
-    parts.append(b"$%d\r\n%s\r\n" % (len(count), count))
-    for value in (*keys, *args):
-        data = value.encode() if isinstance(value, str) else str(value).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+def pack(*parts: bytes | str | int) -> bytes:
+    """One command in the Redis protocol. redis-py's general encoder cost more than the rest of
+    the call; the ledger only passes str and int arguments."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def evalsha_command(script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    return pack(b"EVALSHA", script.sha_bytes, len(keys), *keys, *args)
 
 
 def settle(future: "asyncio.Future[Any]", result: Any) -> None:

@@ -135,12 +135,14 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(rid=RESERVATION_IDS, tokens=st.integers(0, 900))
     def commit(self, rid: str, tokens: int) -> None:
-        code, answer = self.on_record("commit", rid, tokens, "", self.user.record_prefix, "80,100")
+        code, answer = self.on_record(
+            "commit", rid, tokens, "", self.user.record_prefix, "80,100", "1"
+        )
         known = self.model.reservations.get(rid)
         if known is not None and known.status == "committed":
             assert code == (Code.REPLAYED if known.charged == tokens else Code.IDEMPOTENCY_CONFLICT)
             return
-        if known is not None and known.status == "refunded":
+        if known is not None and (known.status == "refunded" or known.refund_answered):
             assert code == Code.ALREADY_REFUNDED
             return
         assert code == Code.OK
@@ -158,8 +160,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if known is None:
             assert code == Code.NOT_FOUND
         elif known.status == "committed":
-            # An expired hold refunded before its late commit keeps replaying that refund.
-            assert code == (Code.REPLAYED if known.refund_answered else Code.ALREADY_COMMITTED)
+            assert code == Code.ALREADY_COMMITTED
         elif known.status == "held":
             assert code == Code.OK and answer.startswith("refunded|")
             known.status, known.refund_answered = "refunded", True
@@ -170,13 +171,15 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(rid=RESERVATION_IDS)
     def expire(self, rid: str) -> None:
-        """The hold's time runs out (its expiry moved into the past)."""
+        """The hold's time runs out (its expiry, and so the user's earliest, moved into the
+        past)."""
         known = self.model.reservations.get(rid)
         if known is None or known.status != "held":
             return
         past = int(time.time() * 1000) - 1
         self.redis.zadd(self.user.holds, {rid: past})
         self.redis.hset(self.user.record(rid), "x", past)
+        self.redis.hset(self.user.state, "ex", past)
         known.status = "expired"
 
     @rule()

@@ -12,6 +12,7 @@ from quota_common.keys import UserKeys, user_keys
 from quota_common.periods import calendar_month
 from quota_common.scripts import SCRIPTS, register_all
 from tests.books import field_of, hash_of, stream_entries
+from tests.servers import eventually
 
 THRESHOLDS = "80,90,100"
 
@@ -42,9 +43,9 @@ async def reserve(
 
 
 async def commit(
-    redis: Redis, user: UserKeys, rid: str, tokens: int, md: str = ""
+    redis: Redis, user: UserKeys, rid: str, tokens: int, md: str = "", charge_unknown: str = "1"
 ) -> tuple[int, str]:
-    args = [user.user_id, rid, tokens, md, user.record_prefix, THRESHOLDS]
+    args = [user.user_id, rid, tokens, md, user.record_prefix, THRESHOLDS, charge_unknown]
     code, answer = await SCRIPTS["commit"](redis, hold_keys(user, rid), args)
     return int(code), answer.decode()
 
@@ -120,10 +121,15 @@ async def test_commit_answers_and_codes(redis: Redis) -> None:
     code, answer = await commit(redis, u, "a", 200, '{"m":"x"}')
     assert code == Code.OK
     assert answer.split("|")[:6] == ["200", "300", "200", "0", "1000", "0"]
+    assert answer.split("|")[-1] == "500"  # the hold, for the charged/reserved histogram
     assert await commit(redis, u, "a", 200) == (Code.REPLAYED, answer)
     assert (await commit(redis, u, "a", 201))[0] == Code.IDEMPOTENCY_CONFLICT
+    # No record: NOT_FOUND (the sidecar asks Postgres first), nothing charged; then charged.
+    assert await commit(redis, u, "never", 50, charge_unknown="0") == (Code.NOT_FOUND, "")
+    assert await field_of(redis, u.state, "used") == b"200"
     code, late = await commit(redis, u, "never", 50)
     assert code == Code.OK and late.split("|")[:6] == ["50", "0", "250", "0", "1000", "1"]
+    assert late.split("|")[-1] == "0"
     await reserve(redis, u, "b", 10)
     await refund(redis, u, "b")
     assert (await commit(redis, u, "b", 10))[0] == Code.ALREADY_REFUNDED
@@ -152,6 +158,45 @@ async def test_refund_answers_and_codes(redis: Redis) -> None:
     await _until_expired(redis, u, "e")
     code, answer = await refund(redis, u, "e")
     assert code == Code.OK and answer.split("|")[:2] == ["expired", "100"]
+    # The client said the call failed: a commit after that refund contradicts it.
+    assert (await commit(redis, u, "e", 10))[0] == Code.ALREADY_REFUNDED
+    assert await field_of(redis, u.state, "used") == b"1"
+
+
+async def test_holds_are_only_looked_at_once_one_may_have_expired(redis: Redis) -> None:
+    """`ex` is a lower bound of the hold expiries: commits leave it (and the due score) early,
+    the first call after it sweeps and sets both to the next expiry exactly."""
+    await seed(redis, "ex", quota=1000)
+    u = user_keys("ex")
+    await reserve(redis, u, "short", 10, ttl_ms=50)
+    await reserve(redis, u, "long", 20, ttl_ms=600_000)
+    short_expiry = int(await score_of(redis, u.holds, "short"))
+    assert await field_of(redis, u.state, "ex") == b"%d" % short_expiry
+    await commit(redis, u, "short", 5)
+    assert await redis.zscore(u.due, "ex") == short_expiry  # early, never late
+    await _until_expired_past(redis, short_expiry)
+    assert (await on_state(redis, "usage", u))[1].split("|")[3] == "20"
+    long_expiry = int(await score_of(redis, u.holds, "long"))
+    assert await field_of(redis, u.state, "ex") == b"%d" % long_expiry
+    assert await redis.zscore(u.due, "ex") == long_expiry
+    await refund(redis, u, "long")
+    await on_state(redis, "usage", u)
+    assert await field_of(redis, u.state, "ex") is None
+    assert await redis.zscore(u.due, "ex") is None
+
+
+async def score_of(redis: Redis, key: str, member: str) -> float:
+    score = await redis.zscore(key, member)
+    assert score is not None, f"{member} is not in {key}"
+    return score
+
+
+async def _until_expired_past(redis: Redis, expiry_ms: float) -> None:
+    async def passed() -> bool:
+        seconds, micros = await redis.time()
+        return bool(seconds * 1000 + micros // 1000 > expiry_ms)
+
+    await eventually(passed, 5, "Redis' clock passing the expiry")
 
 
 async def _until_expired(redis: Redis, u: UserKeys, rid: str) -> None:

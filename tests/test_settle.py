@@ -266,13 +266,16 @@ async def test_commit_metadata_is_merged_over_the_reservation_s(
     assert json.loads(entry[b"md"]) == {"conversation_id": "c1", "model": "large", "n": 'ü/"'}
 
 
-async def test_refund_of_expired_hold_replays_after_a_late_commit(
+async def test_a_commit_after_the_refund_of_an_expired_hold_is_refused(
     http: httpx.AsyncClient, redis: Redis
 ) -> None:
+    """The refund told the client the call failed; a commit afterwards contradicts it (DESIGN:
+    after a refund, 409 already_refunded), even though the hold had expired first."""
     await expired_hold(http, "u1", "r1", 1000)
     status, first = await refund(http, "u1", "r1")
     assert status == 200 and first["status"] == "expired"
-    status, late = await commit(http, "u1", "r1", 300)
-    assert status == 200 and late["late"] is True
+    status, body = await commit(http, "u1", "r1", 300)
+    assert status == 409 and body["error"]["code"] == "already_refunded"
+    assert (await usage(http, "u1"))["used"] == 0
     status, again = await refund(http, "u1", "r1")
     assert status == 200 and again["replayed"] is True and again["status"] == "expired"
