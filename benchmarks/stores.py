@@ -159,7 +159,7 @@ async def reserve_each(redis: Redis, prefix: str, count: int, tokens: int) -> in
         calls: list[Call] = [
             ("reserve", *reserve_call(f"{prefix}{n}", f"m{n}", tokens)) for n in range(first, last)
         ]
-        granted += sum(1 for code, _ in await run_calls(redis, calls) if code in (0, 1))
+        granted += sum(1 for reply in await run_calls(redis, calls) if reply[0] in (0, 1))
     return granted
 
 
@@ -174,7 +174,7 @@ async def settle_events(redis: Redis, prefix: str, users: int, events: int, toke
             calls.append(("reserve", *reserve_call(user_id, rid, tokens)))
             calls.append(("commit", *commit_call(user_id, rid, tokens)))
         results = await run_calls(redis, calls)
-        committed += sum(1 for code, _ in results[1::2] if code in (0, 1))
+        committed += sum(1 for reply in results[1::2] if reply[0] in (0, 1))
     return committed
 
 

@@ -13,15 +13,22 @@ hold of the user expires before it, unix ms; absent = no hold).
 Scripts name a user's keys in a table k: state, holds, stream, due (the KEYS of the call), user
 (the user id) and prefix (the record prefix q:{bN}:r:<user>/).
 Reservation record fields: s (status H held, C committed, R refunded, E expired), g (tokens
-held), x (expires at, unix ms), f (reserve fingerprint), md (metadata JSON), sb (reserve
-answer), ct (committed tokens), cb (commit answer), rb (refund answer).
+held), x (expires at, unix ms), f (reserve fingerprint), md (metadata JSON, absent = none),
+sb (reserve answer), ct (committed tokens), cb (commit answer), rb (refund answer); the
+answers are kept msgpack-packed for replays.
+
+The hot scripts (reserve, extend, commit, refund) answer flat arrays {code, value, ...} and pass
+numbers to redis.call as numbers: Redis converts both exactly (up to 2^53) and far cheaper than
+Lua's own number formatting, which was a third of a reserve's cost.
 ]]
 
 -- How long a settled reservation is remembered for replays, in ms (24 h).
 local SETTLED_RETENTION_MS = 86400000
--- Expired holds settled per batch (bounds ZREM's unpack); a call sweeps batches until none is
--- left, so an expired hold never counts, however many a user has.
+-- Expired holds settled per batch (bounds ZREM's unpack), and per call: a user with more holds
+-- expiring at once has the rest settled by the next calls (and the reaper), so one call never
+-- blocks Redis for long; until then those holds still count (never too much is granted).
 local SWEEP_BATCH_MAX = 256
+local SWEEP_BATCHES_MAX = 4
 
 -- Lua 5.1 prints numbers with %.14g (1e+14 for 10^14): answers and stream fields use %d, exact up
 -- to 2^53, so a large counter never reaches a caller as an exponent.
@@ -75,15 +82,17 @@ local function month_bounds(now_s)
 end
 
 -- The user's state in one call, as numbers where they are numbers; nil when Redis does not know
--- the user. Operations decide on this table and write back only the fields they change.
-local function read_state(key)
-  local f = redis.call('HMGET', key, 'plan', 'quota', 'credits', 'used', 'reserved', 'ps', 'pe',
-    'np', 'nq', 'al', 'ex')
+-- the user. Operations decide on this table and write back only the fields they change. Each
+-- field read costs, so np/nq (read when the period rolls) and al (by commits) are not read here.
+local function read_state(key, with_alerts)
+  local fields = {'plan', 'quota', 'credits', 'used', 'reserved', 'ps', 'pe', 'ex'}
+  if with_alerts then fields[9] = 'al' end
+  local f = redis.call('HMGET', key, unpack(fields))
   if not f[1] then return nil end
   return {
     plan = f[1], quota = tonumber(f[2]), credits = tonumber(f[3]) or 0, used = tonumber(f[4]),
-    reserved = tonumber(f[5]), ps = tonumber(f[6]), pe = tonumber(f[7]), np = f[8], nq = f[9],
-    al = tonumber(f[10]) or 0, ex = tonumber(f[11]),
+    reserved = tonumber(f[5]), ps = tonumber(f[6]), pe = tonumber(f[7]), ex = tonumber(f[8]),
+    al = tonumber(f[9]) or 0,
   }
 end
 
@@ -96,7 +105,8 @@ end
 -- repeats its period length until Stripe's renewal is applied.
 local function roll_period(key, s, now_s)
   if now_s < s.pe then return end
-  s.plan = s.np or s.plan
+  local scheduled = redis.call('HMGET', key, 'np', 'nq')
+  s.plan = scheduled[1] or s.plan
   if s.plan == 'FREE' then
     s.ps, s.pe = month_bounds(now_s)
   else
@@ -104,9 +114,9 @@ local function roll_period(key, s, now_s)
     s.ps = s.pe + math.floor((now_s - s.pe) / length) * length
     s.pe = s.ps + length
   end
-  s.quota = tonumber(s.nq) or s.quota
-  s.used, s.credits, s.al, s.np, s.nq = 0, 0, 0, nil, nil
-  redis.call('HSET', key, 'plan', s.plan, 'quota', int(s.quota), 'ps', int(s.ps), 'pe', int(s.pe),
+  s.quota = tonumber(scheduled[2]) or s.quota
+  s.used, s.credits, s.al = 0, 0, 0
+  redis.call('HSET', key, 'plan', s.plan, 'quota', s.quota, 'ps', s.ps, 'pe', s.pe,
     'used', 0, 'credits', 0, 'al', 0)
   redis.call('HDEL', key, 'np', 'nq')
 end
@@ -115,6 +125,7 @@ end
 -- settlement goes to the bucket's stream for the sync worker, in this same call. Then `ex` and
 -- the bucket's due set (for the reaper) name the next expiry exactly.
 local function sweep_expired(k, s, now)
+  local batches = 0
   repeat
     local due = redis.call('ZRANGEBYSCORE', k.holds, '-inf', now, 'LIMIT', 0, SWEEP_BATCH_MAX)
     for _, rid in ipairs(due) do
@@ -124,18 +135,19 @@ local function sweep_expired(k, s, now)
       s.reserved = s.reserved - held
       redis.call('HSET', record, 's', 'E')
       redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-      redis.call('XADD', k.stream, '*', 'k', 'expired', 'u', k.user, 'r', rid, 'tr', int(held),
-        'tc', 0, 'l', 0, 'md', r[2] or '', 't', int(now), 'ps', int(s.ps))
+      redis.call('XADD', k.stream, '*', 'k', 'expired', 'u', k.user, 'r', rid, 'tr', held,
+        'tc', 0, 'l', 0, 'md', r[2] or '', 't', now, 'ps', s.ps)
     end
     if #due > 0 then redis.call('ZREM', k.holds, unpack(due)) end
-  until #due < SWEEP_BATCH_MAX
+    batches = batches + 1
+  until #due < SWEEP_BATCH_MAX or batches == SWEEP_BATCHES_MAX
   local next_hold = redis.call('ZRANGE', k.holds, 0, 0, 'WITHSCORES')
   s.ex = tonumber(next_hold[2])
   if s.ex then
-    redis.call('HSET', k.state, 'reserved', int(s.reserved), 'ex', next_hold[2])
+    redis.call('HSET', k.state, 'reserved', s.reserved, 'ex', next_hold[2])
     redis.call('ZADD', k.due, next_hold[2], k.user)
   else
-    redis.call('HSET', k.state, 'reserved', int(s.reserved))
+    redis.call('HSET', k.state, 'reserved', s.reserved)
     redis.call('HDEL', k.state, 'ex')
     redis.call('ZREM', k.due, k.user)
   end
@@ -145,8 +157,8 @@ end
 -- does not know the user. `ex` is a lower bound of the user's hold expiries (commits and refunds
 -- leave it early), so the holds are only looked at when one may have expired; `sweep` forces
 -- the look (the reaper's call, which also corrects an early due score).
-local function touch(k, now, sweep)
-  local s = read_state(k.state)
+local function touch(k, now, sweep, with_alerts)
+  local s = read_state(k.state, with_alerts)
   if not s then return nil end
   roll_period(k.state, s, math.floor(now / 1000))
   if sweep or (s.ex and s.ex <= now) then sweep_expired(k, s, now) end
@@ -157,12 +169,24 @@ end
 -- move `ex` and the due score earlier (a score may be early, never late).
 local function save_hold(k, s, expires)
   if s.ex and s.ex <= expires then
-    redis.call('HSET', k.state, 'reserved', int(s.reserved))
+    redis.call('HSET', k.state, 'reserved', s.reserved)
   else
     s.ex = expires
-    redis.call('HSET', k.state, 'reserved', int(s.reserved), 'ex', int(expires))
+    redis.call('HSET', k.state, 'reserved', s.reserved, 'ex', expires)
     redis.call('ZADD', k.due, 'LT', expires, k.user)
   end
+end
+
+-- A settled answer kept for replays: its values, packed.
+local function keep(values)
+  return cmsgpack.pack(values)
+end
+
+-- {code, value...}: a kept answer replayed under another code.
+local function replay(code, kept)
+  local values = cmsgpack.unpack(kept)
+  table.insert(values, 1, code)
+  return values
 end
 
 -- The answer of usage.lua, grant.lua and reset.lua: "plan|limit|used|reserved|credits|ps|pe".
@@ -179,7 +203,7 @@ local function fire_alerts(k, s, thresholds, now)
     if percent > s.al and s.used * 100 >= percent * limit then
       highest = percent
       redis.call('XADD', k.stream, '*', 'k', 'alert', 'u', k.user, 'th', percent,
-        'lim', int(limit), 'used', int(s.used), 'ps', int(s.ps), 'pe', int(s.pe), 't', int(now))
+        'lim', limit, 'used', s.used, 'ps', s.ps, 'pe', s.pe, 't', now)
     end
   end
   return highest

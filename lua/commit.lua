@@ -14,10 +14,10 @@ ARGV[6] alert thresholds, percents ascending ("80,90,100"): each one crossed for
 ARGV[7] '1' to charge a reservation Redis has no record of; '0' answers NOT_FOUND instead, so
         the caller can first ask Postgres whether it was settled before Redis lost the record
 
-Returns {code, answer}, answer = "charged|released|used|reserved|limit|late|plan|ps|pe|held"
-(held: the tokens the hold had, 0 when late):
-  OK (0); REPLAYED (1) the first answer; NOT_LOADED (-1); NOT_FOUND (-4) no record (ARGV[7]
-  '0'); IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6)
+Returns {code, charged, released, used, reserved, limit, late, plan, ps, pe, held} (late 1 or 0;
+held: the tokens the hold had, 0 when late): OK (0); REPLAYED (1) the first answer;
+or {code} alone: NOT_LOADED (-1); NOT_FOUND (-4) no record (ARGV[7] '0');
+  IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6)
   refunded, or a refund was answered for its expired hold.
 ]]
 local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
@@ -26,17 +26,17 @@ local record, rid, tokens, metadata = KEYS[3], ARGV[2], tonumber(ARGV[3]), ARGV[
 local thresholds, charge_unknown = ARGV[6], ARGV[7] == '1'
 
 local now = now_ms()
-local s = touch(k, now)
-if not s then return {NOT_LOADED, ''} end
+local s = touch(k, now, false, true)
+if not s then return {NOT_LOADED} end
 
 local r = redis.call('HMGET', record, 's', 'g', 'ct', 'cb', 'md', 'rb')
 local status = r[1]
 if status == 'C' then
-  if tonumber(r[3]) ~= tokens then return {IDEMPOTENCY_CONFLICT, ''} end
-  return {REPLAYED, r[4]}
+  if tonumber(r[3]) ~= tokens then return {IDEMPOTENCY_CONFLICT} end
+  return replay(REPLAYED, r[4])
 end
-if status == 'R' or r[6] then return {ALREADY_REFUNDED, ''} end
-if not status and not charge_unknown then return {NOT_FOUND, ''} end
+if status == 'R' or r[6] then return {ALREADY_REFUNDED} end
+if not status and not charge_unknown then return {NOT_FOUND} end
 
 -- A late commit (expired or unknown) has no hold left: an expired one was already released and
 -- streamed, and this settlement replaces it.
@@ -47,23 +47,23 @@ if status == 'H' then
   s.reserved = s.reserved - held
   redis.call('ZREM', k.holds, rid)
 end
-local late = status ~= 'H'
+local late = status == 'H' and 0 or 1
 s.used = s.used + tokens
 
 if metadata == '' then
   metadata = r[5] or ''
-elseif r[5] and r[5] ~= '' then
+elseif r[5] then
   local merged = cjson.decode(r[5])
   for key, v in pairs(cjson.decode(metadata)) do merged[key] = v end
   metadata = cjson.encode(merged)
 end
 
-local answer = join({tokens, released, s.used, s.reserved, limit_of(s), late and 1 or 0, s.plan,
-  s.ps, s.pe, held})
-redis.call('HSET', record, 's', 'C', 'ct', int(tokens), 'cb', answer)
+local answer = {tokens, released, s.used, s.reserved, limit_of(s), late, s.plan, s.ps, s.pe, held}
+redis.call('HSET', record, 's', 'C', 'ct', tokens, 'cb', keep(answer))
 redis.call('PEXPIRE', record, SETTLED_RETENTION_MS)
-redis.call('XADD', k.stream, '*', 'k', 'committed', 'u', k.user, 'r', rid, 'tr', int(held),
-  'tc', int(tokens), 'l', late and 1 or 0, 'md', metadata, 't', int(now), 'ps', int(s.ps))
+redis.call('XADD', k.stream, '*', 'k', 'committed', 'u', k.user, 'r', rid, 'tr', held,
+  'tc', tokens, 'l', late, 'md', metadata, 't', now, 'ps', s.ps)
 if tokens > 0 then s.al = fire_alerts(k, s, thresholds, now) end
-redis.call('HSET', k.state, 'reserved', int(s.reserved), 'used', int(s.used), 'al', s.al)
-return {OK, answer}
+redis.call('HSET', k.state, 'reserved', s.reserved, 'used', s.used, 'al', s.al)
+table.insert(answer, 1, OK)
+return answer

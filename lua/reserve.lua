@@ -14,11 +14,11 @@ ARGV[5] ttl of the hold, ms
 ARGV[6] metadata JSON ('' = none)
 ARGV[7] record prefix    q:{bN}:r:<user>/
 
-Returns {code, answer}, answer = "plan|granted|limit|used|reserved|ps|pe|expires_ms":
+Returns {code, plan, granted, limit, used, reserved, ps, pe, expires_ms}:
   OK (0) hold placed; REPLAYED (1) the first answer of this reservation id;
-  NOT_LOADED (-1) the user is not in Redis (load from Postgres, then call again);
   QUOTA_EXCEEDED (-2) nothing held (granted and expires_ms are 0);
-  IDEMPOTENCY_CONFLICT (-3) the id was used with other fields (answer '').
+or {code} alone: NOT_LOADED (-1) the user is not in Redis (load from Postgres, then call again);
+  IDEMPOTENCY_CONFLICT (-3) the id was used with other fields.
 ]]
 local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
   prefix = ARGV[7]}
@@ -29,13 +29,13 @@ local fingerprint = ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[5] .. '|' .. metada
 
 local now = now_ms()
 local s = touch(k, now)
-if not s then return {NOT_LOADED, ''} end
+if not s then return {NOT_LOADED} end
 
 -- An id already settled by a late commit has no fingerprint: any reserve with it conflicts.
 local known = redis.call('HMGET', record, 's', 'f', 'sb')
 if known[1] then
-  if known[2] ~= fingerprint then return {IDEMPOTENCY_CONFLICT, ''} end
-  return {REPLAYED, known[3]}
+  if known[2] ~= fingerprint then return {IDEMPOTENCY_CONFLICT} end
+  return replay(REPLAYED, known[3])
 end
 
 local limit = limit_of(s)
@@ -45,15 +45,21 @@ if tokens > available then
   if min_tokens > 0 and available >= min_tokens then
     granted = available
   else
-    return {QUOTA_EXCEEDED, join({s.plan, 0, limit, s.used, s.reserved, s.ps, s.pe, 0})}
+    return {QUOTA_EXCEEDED, s.plan, 0, limit, s.used, s.reserved, s.ps, s.pe, 0}
   end
 end
 
 local expires = now + ttl_ms
 s.reserved = s.reserved + granted
-local answer = join({s.plan, granted, limit, s.used, s.reserved, s.ps, s.pe, expires})
-redis.call('HSET', record, 's', 'H', 'g', int(granted), 'x', int(expires), 'f', fingerprint,
-  'md', metadata, 'sb', answer)
+local answer = {s.plan, granted, limit, s.used, s.reserved, s.ps, s.pe, expires}
+if metadata == '' then
+  redis.call('HSET', record, 's', 'H', 'g', granted, 'x', expires, 'f', fingerprint,
+    'sb', keep(answer))
+else
+  redis.call('HSET', record, 's', 'H', 'g', granted, 'x', expires, 'f', fingerprint,
+    'md', metadata, 'sb', keep(answer))
+end
 redis.call('ZADD', k.holds, expires, rid)
 save_hold(k, s, expires)
-return {OK, answer}
+table.insert(answer, 1, OK)
+return answer

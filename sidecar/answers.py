@@ -15,24 +15,33 @@ def expires_rfc3339(ms: int) -> str:
     return f"{unix_rfc3339(seconds)[:-1]}.{millis:03d}Z"
 
 
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def period_usage(
-    plan: str, limit: str, used: str, reserved: str, ps: str, pe: str
+    plan: Any, limit: Any, used: Any, reserved: Any, ps: Any, pe: Any
 ) -> dict[str, Any]:
-    """The usage fields every answer carries."""
+    """The usage fields every answer carries, from a script's values (ints, or bytes/str of
+    digits where they come from a stored answer)."""
     lim, use, res = int(limit), int(used), int(reserved)
     return {
-        "plan": plan,
+        "plan": text(plan),
         "limit": lim,
         "used": use,
         "reserved": res,
         "remaining": remaining(lim, use, res),
-        "period_start": unix_rfc3339(ps),
-        "period_end": unix_rfc3339(pe),
+        "period_start": unix_rfc3339(int(ps)),
+        "period_end": unix_rfc3339(int(pe)),
     }
 
 
-def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
-    plan, granted, limit, used, reserved, ps, pe, expires = answer.split("|")
+def reservation(
+    reservation_id: str, user_id: str, values: list[Any], replayed: bool
+) -> dict[str, Any]:
+    """reserve.lua's and extend.lua's values: plan, granted, limit, used, reserved, ps, pe,
+    expires_ms (extend adds one more)."""
+    plan, granted, limit, used, reserved, ps, pe, expires = values[:8]
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,
@@ -43,22 +52,18 @@ def reservation(reservation_id: str, user_id: str, answer: str, replayed: bool) 
     }
 
 
-def commit_held(answer: str) -> int:
-    """The tokens the committed hold had (0 for a late commit)."""
-    return int(answer.rsplit("|", 1)[1])
-
-
-def refusal(answer: str) -> tuple[dict[str, Any], int]:
+def refusal(values: list[Any]) -> tuple[dict[str, Any], int]:
     """The usage fields of a quota_exceeded error, and the seconds to the period's end."""
-    plan, _, limit, used, reserved, ps, pe, _ = answer.split("|")
+    plan, _, limit, used, reserved, ps, pe = values[:7]
     fields = period_usage(plan, limit, used, reserved, ps, pe)
     del fields["period_start"]
     retry_after = max(int(pe) - int(datetime.now(UTC).timestamp()), 1)
     return fields, retry_after
 
 
-def commit(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
-    charged, released, used, reserved, limit, late, plan, ps, pe, _ = answer.split("|")
+def commit(reservation_id: str, user_id: str, values: list[Any], replayed: bool) -> dict[str, Any]:
+    """commit.lua's values: charged, released, used, reserved, limit, late, plan, ps, pe, held."""
+    charged, released, used, reserved, limit, late, plan, ps, pe, _ = values
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,
@@ -66,17 +71,23 @@ def commit(reservation_id: str, user_id: str, answer: str, replayed: bool) -> di
         "charged": int(charged),
         "released": int(released),
         **period_usage(plan, limit, used, reserved, ps, pe),
-        "late": late == "1",
+        "late": int(late) == 1,
         "replayed": replayed,
     }
 
 
-def refund(reservation_id: str, user_id: str, answer: str, replayed: bool) -> dict[str, Any]:
-    status, released, used, reserved, limit, plan, ps, pe = answer.split("|")
+def commit_held(values: list[Any]) -> int:
+    """The tokens the committed hold had (0 for a late commit)."""
+    return int(values[9])
+
+
+def refund(reservation_id: str, user_id: str, values: list[Any], replayed: bool) -> dict[str, Any]:
+    """refund.lua's values: status, released, used, reserved, limit, plan, ps, pe."""
+    status, released, used, reserved, limit, plan, ps, pe = values
     return {
         "reservation_id": reservation_id,
         "user_id": user_id,
-        "status": status,
+        "status": text(status),
         "released": int(released),
         **period_usage(plan, limit, used, reserved, ps, pe),
         "replayed": replayed,
@@ -84,6 +95,7 @@ def refund(reservation_id: str, user_id: str, answer: str, replayed: bool) -> di
 
 
 def usage(user_id: str, answer: str) -> dict[str, Any]:
+    """usage.lua's answer "plan|limit|used|reserved|credits|ps|pe"."""
     plan, limit, used, reserved, credits, ps, pe = answer.split("|")
     return {
         "user_id": user_id,

@@ -7,9 +7,11 @@
     # committed on a clean exit, refunded when the block raised
 
 Every call carries a reservation id chosen here, so a retry after a timeout is a replay, never a
-second charge.
+second charge: calls that get no answer (or a 5xx) are retried a few times with backoff.
 """
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+
+log = logging.getLogger("sidecar.client")
 
 
 class QuotaError(Exception):
@@ -62,7 +66,11 @@ class QuotaClient:
         token: str | None = None,
         timeout_s: float = 2.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        attempts_max: int = 3,
+        backoff_s: float = 0.05,
     ) -> None:
+        self.attempts_max = max(attempts_max, 1)
+        self.backoff_s = backoff_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(
             base_url=base_url, headers=headers, timeout=timeout_s, transport=transport
@@ -84,6 +92,21 @@ class QuotaClient:
 
     async def _call(
         self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """One call, retried while the sidecar does not answer: every call is idempotent (the
+        reservation id makes a repeated reserve, commit or refund a replay)."""
+        attempt = 1
+        while True:
+            try:
+                return await self._call_once(method, path, body)
+            except QuotaUnavailable:
+                if attempt >= self.attempts_max:
+                    raise
+            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            attempt += 1
+
+    async def _call_once(
+        self, method: str, path: str, body: dict[str, Any] | None
     ) -> dict[str, Any]:
         try:
             response = await self._http.request(method, path, json=body)
@@ -170,13 +193,20 @@ class QuotaClient:
     @asynccontextmanager
     async def hold(self, user_id: str, tokens: int, **options: Any) -> AsyncIterator[Hold]:
         """Reserves on entry; commits `hold.used` (default: all granted) on a clean exit and
-        refunds when the block raises."""
+        refunds when the block raises. The block's own exception always reaches the caller: a
+        refund that fails is logged (the hold then expires at its `expires_at`)."""
         reservation = await self.reserve(user_id, tokens, **options)
         hold = Hold(reservation["reservation_id"], user_id, reservation["granted"], reservation)
         try:
             yield hold
         except BaseException:
-            await self.refund(user_id, hold.reservation_id)
+            try:
+                await self.refund(user_id, hold.reservation_id)
+            except Exception as error:
+                log.warning(
+                    "refund failed; the hold expires by itself",
+                    extra={"reservation_id": hold.reservation_id, "error": str(error)},
+                )
             raise
         used = hold.granted if hold.used is None else hold.used
         await self.commit(user_id, hold.reservation_id, used)

@@ -3,9 +3,10 @@ request and response objects, which cost about as much as the rest of a reserve.
 bodies, JSON errors, bearer tokens, metrics; nothing a client sends can produce a traceback."""
 
 import hmac
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from quota_common.codes import ApiError, ErrorCode
+from quota_common.codes import ApiError, ErrorCode, invalid
 from sidecar import metrics
 from sidecar.outage import UNAVAILABLE
+from sidecar.pipeline import ScriptFailed
 
 BODY_BYTES_MAX = 64 * 1024
 log = logging.getLogger("sidecar")
@@ -74,13 +76,44 @@ class Call:
             if len(body) > BODY_BYTES_MAX:
                 raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, "the body may be at most 64 KB")
         try:
-            return orjson.loads(body)
+            parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise ApiError(400, ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
+        repeated = repeated_key(body, parsed)
+        if repeated is not None:
+            raise invalid(f"{repeated} appears more than once")
+        return parsed
 
     def bearer_matches(self, token: str) -> bool:
         scheme, _, value = self.headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token.encode())
+
+
+def repeated_key(raw: bytes, parsed: object) -> str | None:
+    """A key that an object of the body repeats (orjson would silently keep the last one).
+    Cheap for the usual body: a key whose quoted text occurs once in it cannot be repeated,
+    unless escapes could spell it another way; only then is the body parsed again, slowly."""
+    if b"\\" not in raw and all(raw.count(b'"%s"' % key.encode()) == 1 for key in keys_of(parsed)):
+        return None
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        names = [name for name, _ in items]
+        repeated.extend(name for name in names if names.count(name) > 1)
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return repeated[0] if repeated else None
+
+
+def keys_of(value: object) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from keys_of(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from keys_of(item)
 
 
 Handler = Callable[[Call], Awaitable[Answer]]
@@ -155,6 +188,9 @@ class Endpoint:
                 ErrorCode.STORE_UNAVAILABLE,
                 "the quota store is unavailable; try again shortly",
             )
+        except ScriptFailed as error:
+            log.error("script failed", extra={"route": self.route, "error": str(error)})
+            return error_answer(500, ErrorCode.INTERNAL, "the quota script failed")
         except Exception:
             log.exception("unexpected error", extra={"route": self.route})
             return error_answer(500, ErrorCode.INTERNAL, "unexpected error")

@@ -54,12 +54,13 @@ class Ledger:
 
     async def run(
         self, script: LuaScript, user: UserKeys, keys: list[str], args: list[Any]
-    ) -> tuple[Code, str]:
-        """Runs an operation script; a user unknown to Redis is seeded and the call repeated."""
+    ) -> tuple[Code, list[Any]]:
+        """Runs an operation script; a user unknown to Redis is seeded and the call repeated.
+        Returns the script's code and the values after it (see each script's header)."""
         for _ in range(LOAD_ATTEMPTS_MAX):
-            code, answer = await self.call(script, keys, args)
-            if code != Code.NOT_LOADED:
-                return Code(code), answer.decode() if isinstance(answer, bytes) else answer
+            reply = await self.call(script, keys, args)
+            if reply[0] != Code.NOT_LOADED:
+                return Code(reply[0]), reply[1:]
             await self.ensure_loaded(user)
         # The state vanished again right after each load (Redis being flushed meanwhile).
         raise StoreUnavailable("the user's state could not be loaded into Redis")
@@ -106,7 +107,7 @@ class Ledger:
         min_tokens: int,
         ttl_ms: int,
         metadata: str,
-    ) -> tuple[Code, str]:
+    ) -> tuple[Code, list[Any]]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [
             user.user_id,
@@ -121,14 +122,14 @@ class Ledger:
 
     async def extend(
         self, user: UserKeys, reservation_id: str, tokens: int, ttl_ms: int
-    ) -> tuple[Code, str]:
+    ) -> tuple[Code, list[Any]]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [user.user_id, reservation_id, tokens, ttl_ms, user.record_prefix]
         return await self.run(SCRIPTS["extend"], user, keys, args)
 
     async def commit(
         self, user: UserKeys, reservation_id: str, tokens: int, metadata: str
-    ) -> tuple[Code, str]:
+    ) -> tuple[Code, list[Any]]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix, self.thresholds]
         code, answer = await self.run(SCRIPTS["commit"], user, keys, [*args, "0"])
@@ -137,19 +138,29 @@ class Ledger:
         settled = await self.settled(user, reservation_id)
         if settled is not None and settled.status == "committed":
             if settled.tokens_charged != tokens:
-                return Code.IDEMPOTENCY_CONFLICT, ""
+                return Code.IDEMPOTENCY_CONFLICT, []
             held = 0 if settled.late else settled.tokens_reserved
             released = max(held - settled.tokens_charged, 0)
-            plan, limit, used, reserved, _, ps, pe = (await self.usage(user))[1].split("|")
+            plan, limit, used, reserved, _, ps, pe = await self.usage_now(user)
             late = int(settled.late)
-            fields = [tokens, released, used, reserved, limit, late, plan, ps, pe, held]
-            return Code.REPLAYED, "|".join(map(str, fields))
+            return Code.REPLAYED, [
+                tokens,
+                released,
+                used,
+                reserved,
+                limit,
+                late,
+                plan,
+                ps,
+                pe,
+                held,
+            ]
         if settled is not None and settled.status == "refunded":
-            return Code.ALREADY_REFUNDED, ""
+            return Code.ALREADY_REFUNDED, []
         # Never settled, or its hold expired: a late commit, charged.
         return await self.run(SCRIPTS["commit"], user, keys, [*args, "1"])
 
-    async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, str]:
+    async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, list[Any]]:
         keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
         args = [user.user_id, reservation_id, user.record_prefix]
         code, answer = await self.run(SCRIPTS["refund"], user, keys, args)
@@ -159,11 +170,19 @@ class Ledger:
         if settled is None:
             return code, answer
         if settled.status == "committed":
-            return Code.ALREADY_COMMITTED, ""
-        plan, limit, used, reserved, _, ps, pe = (await self.usage(user))[1].split("|")
-        fields = [settled.status, settled.tokens_reserved, used, reserved, limit, plan, ps, pe]
+            return Code.ALREADY_COMMITTED, []
+        plan, limit, used, reserved, _, ps, pe = await self.usage_now(user)
         replayed = Code.REPLAYED if settled.status == "refunded" else Code.OK
-        return replayed, "|".join(map(str, fields))
+        return replayed, [
+            settled.status,
+            settled.tokens_reserved,
+            used,
+            reserved,
+            limit,
+            plan,
+            ps,
+            pe,
+        ]
 
     async def settled(self, user: UserKeys, reservation_id: str) -> Settled | None:
         """How Postgres recorded the reservation's settlement, if it did."""
@@ -185,9 +204,16 @@ class Ledger:
     async def usage(self, user: UserKeys) -> tuple[Code, str]:
         return await self.run_on_state(SCRIPTS["usage"], user)
 
+    async def usage_now(self, user: UserKeys) -> list[str]:
+        """usage.lua's fields: plan, limit, used, reserved, credits, ps, pe."""
+        return (await self.usage(user))[1].split("|")
+
     async def run_on_state(
         self, script: LuaScript, user: UserKeys, *extra: Any
     ) -> tuple[Code, str]:
-        """Runs a script of the usage.lua shape (usage, grant, reset)."""
+        """Runs a script of the usage.lua shape (usage, grant, reset): {code, "a|b|c"}."""
         keys = [user.state, user.holds, user.stream, user.due]
-        return await self.run(script, user, keys, [user.user_id, user.record_prefix, *extra])
+        code, values = await self.run(
+            script, user, keys, [user.user_id, user.record_prefix, *extra]
+        )
+        return code, values[0].decode() if values else ""

@@ -101,7 +101,7 @@ class RedisLink(asyncio.Protocol):
             if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                 self.resend_with_source(call)
             else:
-                settle(call.future, reply)
+                settle(call.future, reply_or_failure(reply))
 
     def resend_with_source(self, call: ScriptCall) -> None:
         # NOSCRIPT means the script did not run: sending it again cannot apply it twice.
@@ -205,7 +205,7 @@ class ScriptPipeline:
             for call, result in zip(calls, results, strict=True):
                 if isinstance(result, NoScriptError):
                     result = await call.script(self.redis, list(call.keys), list(call.args))
-                settle(call.future, result)
+                settle(call.future, reply_or_failure(result))
         except Exception as error:
             for call in calls:
                 settle(call.future, error)
@@ -235,6 +235,28 @@ def pack(*parts: bytes | str | int) -> bytes:
 
 def evalsha_command(script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> bytes:
     return pack(b"EVALSHA", script.sha_bytes, len(keys), *keys, *args)
+
+
+class ScriptFailed(Exception):
+    """A script raised an error: a bug of ours, not an outage. Deliberately not a RedisError,
+    so the call is never taken for Redis being away (no breaker, no journal that would replay
+    the same failing call forever)."""
+
+
+# Error replies that mean "Redis cannot run this now" (memory, loading, failover, cluster).
+UNAVAILABLE_CODES = frozenset(
+    ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MISCONF")
+)
+
+
+def reply_or_failure(reply: Any) -> Any:
+    """An error raised inside a script becomes ScriptFailed; other replies pass unchanged."""
+    if type(reply) is not ResponseError:
+        return reply
+    message = str(reply)
+    if message.split(" ", 1)[0] in UNAVAILABLE_CODES or "@user_script" not in message:
+        return reply
+    return ScriptFailed(message)
 
 
 def settle(future: "asyncio.Future[Any]", result: Any) -> None:

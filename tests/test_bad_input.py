@@ -138,6 +138,31 @@ RAW: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
     ("POST", "/v1/reserve", b'{"user_id": "victim", "tokens": 10', JSON, 400, "invalid_json"),
     ("POST", "/v1/reserve", b"\xff\xfe", JSON, 400, "invalid_json"),
     ("POST", "/v1/commit", b"NaN", JSON, 400, "invalid_json"),
+    # A repeated key is a client's typo: orjson would keep the last one silently.
+    (
+        "POST",
+        "/v1/reserve",
+        b'{"user_id": "victim", "tokens": 1, "tokens": 2}',
+        JSON,
+        422,
+        "validation_error",
+    ),
+    (
+        "POST",
+        "/v1/reserve",
+        b'{"user_id": "victim", "tokens": 1, "\\u0074okens": 2}',
+        JSON,
+        422,
+        "validation_error",
+    ),
+    (
+        "POST",
+        "/v1/reserve",
+        b'{"user_id": "victim", "tokens": 1, "metadata": {"c": "1", "c": "2"}}',
+        JSON,
+        422,
+        "validation_error",
+    ),
     (
         "POST",
         "/v1/reserve",
@@ -258,3 +283,10 @@ async def test_query_string_is_ignored_and_charset_accepted(http: httpx.AsyncCli
             headers={"content-type": content_type},
         )
         assert response.status_code == 200, response.text
+
+
+async def test_a_value_that_spells_a_field_name_is_no_repeated_key(http: httpx.AsyncClient) -> None:
+    body = b'{"user_id": "tokens", "tokens": 3, "metadata": {"tokens": "user_id"}}'
+    response = await http.post("/v1/reserve", content=body, headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["granted"] == 3

@@ -114,8 +114,6 @@ async def test_commit_retried_after_a_timeout_is_a_replay(
     transport = LoseFirstAnswer(httpx.AsyncHTTPTransport(), "/v1/commit")
     async with QuotaClient(sidecar_url, timeout_s=10, transport=transport) as client:
         hold = await client.reserve("chat", 1000, reservation_id="once")
-        with pytest.raises(QuotaUnavailable):
-            await client.commit("chat", hold["reservation_id"], 700)
         again = await client.commit("chat", hold["reservation_id"], 700)
     assert transport.lost == 1
     assert again["replayed"] is True and again["charged"] == 700
@@ -128,12 +126,46 @@ async def test_reserve_retried_after_a_timeout_holds_once(
 ) -> None:
     transport = LoseFirstAnswer(httpx.AsyncHTTPTransport(), "/v1/reserve")
     async with QuotaClient(sidecar_url, timeout_s=10, transport=transport) as client:
-        with pytest.raises(QuotaUnavailable):
-            await client.reserve("chat", 1000, reservation_id="twice")
         again = await client.reserve("chat", 1000, reservation_id="twice")
-    assert again["replayed"] is True
+    assert transport.lost == 1 and again["replayed"] is True
     assert (await usage(http, "chat"))["reserved"] == 1000
     await assert_books_balance(redis, "chat", base_used=0, charged=0, held=1000)
+
+
+async def test_without_retries_a_lost_answer_is_quota_unavailable(sidecar_url: str) -> None:
+    transport = LoseFirstAnswer(httpx.AsyncHTTPTransport(), "/v1/commit")
+    async with QuotaClient(sidecar_url, transport=transport, attempts_max=1) as client:
+        hold = await client.reserve("chat", 1000)
+        with pytest.raises(QuotaUnavailable):
+            await client.commit("chat", hold["reservation_id"], 700)
+        assert (await client.commit("chat", hold["reservation_id"], 700))["replayed"] is True
+
+
+class RefundsUnreachable(httpx.AsyncBaseTransport):
+    """The sidecar goes away between the reserve and the refund."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/refund":
+            raise httpx.ConnectError("sidecar down", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_failed_refund_never_hides_the_blocks_exception(
+    sidecar_url: str, http: httpx.AsyncClient
+) -> None:
+    transport = RefundsUnreachable(httpx.AsyncHTTPTransport())
+    async with QuotaClient(sidecar_url, transport=transport, backoff_s=0.001) as client:
+        with pytest.raises(Boom):
+            async with client.hold("chat", 300, ttl_s=60):
+                raise Boom
+    # The hold stays until its expiry, as documented.
+    assert (await usage(http, "chat"))["reserved"] == 300
 
 
 async def test_cancelled_requests_leak_no_hold(

@@ -145,15 +145,36 @@ def test_readyz_is_503_when_redis_is_unreachable(base_env: dict[str, str], logs_
         process.stop()
 
 
+def sample(text: str, name: str) -> float:
+    (value,) = [line.split(" ")[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
 async def test_metrics_are_prometheus_text_named_quota(http: httpx.AsyncClient) -> None:
+    before = (await http.get("/metrics")).text
     assert (await reserve(http, "m", 100, reservation_id="r"))[0] == 200
     assert (await commit(http, "m", "r", 50))[0] == 200
+    # A commit far above its hold (the estimate was too low) shows as a ratio above 1.
+    assert (await reserve(http, "m", 10, reservation_id="small"))[0] == 200
+    assert (await commit(http, "m", "small", 500))[0] == 200
     response = await http.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert "quota_commit_charged_ratio_bucket" in text
-    assert "quota_commit_charged_ratio_count" in text
+    ratio = "quota_commit_charged_ratio"
+    assert sample(text, f"{ratio}_count") - sample(before, f"{ratio}_count") == 2
+    assert sample(text, f"{ratio}_sum") - sample(before, f"{ratio}_sum") == pytest.approx(50.5)
+    above_5 = sample(text, f'{ratio}_bucket{{le="+Inf"}}') - sample(
+        text, f'{ratio}_bucket{{le="5.0"}}'
+    )
+    assert (
+        above_5
+        - (
+            sample(before, f'{ratio}_bucket{{le="+Inf"}}')
+            - sample(before, f'{ratio}_bucket{{le="5.0"}}')
+        )
+        == 1
+    )
     assert "quota_http_requests_total" in text and "quota_http_request_duration_seconds" in text
     names = {
         line.split("{")[0].split(" ")[0]
@@ -180,7 +201,15 @@ async def test_openapi_lists_every_v1_path(http: httpx.AsyncClient) -> None:
         assert method in paths[path], path
     reserve_body = paths["/v1/reserve"]["post"]["requestBody"]["content"]["application/json"]
     assert reserve_body["schema"]["additionalProperties"] is False
-    assert "429" in paths["/v1/reserve"]["post"]["responses"]
+    refusal = paths["/v1/reserve"]["post"]["responses"]["429"]
+    assert "Retry-After" in refusal["headers"]
+    refusal_fields = refusal["content"]["application/json"]["schema"]["required"]
+    assert {"plan", "limit", "used", "reserved", "remaining", "period_end"} <= set(refusal_fields)
+    for path in ("/v1/reserve", "/v1/extend", "/v1/commit", "/v1/refund"):
+        assert {"405", "413", "415", "422"} <= set(paths[path]["post"]["responses"]), path
+    assert "404" in paths["/admin/v1/users/{user_id}/credits"]["post"]["responses"]
+    assert set(document["components"]["securitySchemes"]) == {"sidecarToken", "adminToken"}
+    assert "/openapi.json" in paths
 
 
 async def test_admin_is_disabled_without_admin_token(

@@ -65,8 +65,10 @@ class LedgerMachine(RuleBasedStateMachine):
             return self.redis.eval(script.source, len(keys), *keys, *args)
 
     def run(self, name: str, keys: list[str], args: list[str | int]) -> tuple[int, str]:
-        code, answer = self.evalsha(name, keys, args)
-        return int(code), answer.decode() if isinstance(answer, bytes) else answer
+        """(code, "value|value"): the hot scripts answer {code, value...}, the others
+        {code, "value|value"}."""
+        code, *values = self.evalsha(name, keys, args)
+        return int(code), "|".join(v.decode() if isinstance(v, bytes) else str(v) for v in values)
 
     def on_record(self, name: str, rid: str, *args: str | int) -> tuple[int, str]:
         u = self.user

@@ -30,6 +30,12 @@ async def seed(
     return await SCRIPTS["seed"](redis, [user_keys(user).state], args)
 
 
+def joined(reply: list[Any]) -> tuple[int, str]:
+    """A hot script's {code, value...} as (code, "value|value"), for short assertions."""
+    values = [v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:]]
+    return int(reply[0]), "|".join(values)
+
+
 def hold_keys(user: UserKeys, rid: str) -> list[str]:
     return [user.state, user.holds, user.record(rid), user.stream, user.due]
 
@@ -38,30 +44,26 @@ async def reserve(
     redis: Redis, user: UserKeys, rid: str, tokens: int, min_tokens: int = 0, ttl_ms: int = 60_000
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, min_tokens, ttl_ms, "", user.record_prefix]
-    code, answer = await SCRIPTS["reserve"](redis, hold_keys(user, rid), args)
-    return int(code), answer.decode()
+    return joined(await SCRIPTS["reserve"](redis, hold_keys(user, rid), args))
 
 
 async def commit(
     redis: Redis, user: UserKeys, rid: str, tokens: int, md: str = "", charge_unknown: str = "1"
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, md, user.record_prefix, THRESHOLDS, charge_unknown]
-    code, answer = await SCRIPTS["commit"](redis, hold_keys(user, rid), args)
-    return int(code), answer.decode()
+    return joined(await SCRIPTS["commit"](redis, hold_keys(user, rid), args))
 
 
 async def refund(redis: Redis, user: UserKeys, rid: str) -> tuple[int, str]:
     args = [user.user_id, rid, user.record_prefix]
-    code, answer = await SCRIPTS["refund"](redis, hold_keys(user, rid), args)
-    return int(code), answer.decode()
+    return joined(await SCRIPTS["refund"](redis, hold_keys(user, rid), args))
 
 
 async def extend(
     redis: Redis, user: UserKeys, rid: str, tokens: int, ttl_ms: int = 0
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, ttl_ms, user.record_prefix]
-    code, answer = await SCRIPTS["extend"](redis, hold_keys(user, rid), args)
-    return int(code), answer.decode()
+    return joined(await SCRIPTS["extend"](redis, hold_keys(user, rid), args))
 
 
 async def on_state(redis: Redis, name: str, user: UserKeys, *extra: Any) -> tuple[int, str]:
