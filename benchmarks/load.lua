@@ -10,6 +10,8 @@ BENCH_RUN      unique per load, so reservation ids never repeat across loads
 BENCH_REFUND_PERCENT  flow: share of reservations refunded instead of committed
 BENCH_COMMIT   flow: "partial" commits 1..granted tokens, "full" commits what was granted
 BENCH_LLM_MS   flow: wait before the commit or refund (the LLM call), ms; 0 = none
+BENCH_DELAY_MS bare and reserve: each connection waits this long after an answer before its
+               next request (a paced load below saturation, for latency); 0 = none
 
 done() prints one line "BENCH_JSON {...}" with the totals, latency percentiles (us) and the
 flow's counters; run.py parses it.
@@ -23,6 +25,7 @@ local run = os.getenv("BENCH_RUN") or "r"
 local refund_percent = tonumber(os.getenv("BENCH_REFUND_PERCENT") or "10")
 local commit_full = os.getenv("BENCH_COMMIT") == "full"
 local llm_ms = tonumber(os.getenv("BENCH_LLM_MS") or "0")
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 
 local paths = {bare = "/bare", reserve = "/v1/reserve", flow = "/v1/reserve", naive = "/chat"}
 local path = paths[mode]
@@ -97,6 +100,12 @@ if mode == "flow" then
       if last >= first then return llm_ms end
       return 0
     end
+  end
+end
+
+if mode ~= "flow" and delay_ms > 0 then
+  function delay()
+    return delay_ms
   end
 end
 

@@ -66,6 +66,10 @@ class Config:
     hot_tokens: int = 1_000
     llm_ms: int = 1
     refund_percent: int = 10
+    # The paced loads: each of 16 connections waits this long after an answer (about 3,500
+    # requests/s in all), so latency is the service's, not the queue of a saturated server.
+    paced_delay_ms: int = 4
+    paced_connections: int = 16
     memory_users: int = 100_000
     floor_calls_per_s: int = 30_000  # calls = this x seconds (x2 pipelined): ~a load's length
     sync_events: int = 50_000
@@ -297,6 +301,8 @@ class Bench:
                 self.add(await self.wrk("reserve", sidecar, workers, connections))
                 await self.fresh_users(USER_PREFIX, config.users, UNLIMITED)
                 self.add(await self.wrk("flow", sidecar, workers, connections))
+                if connections == config.paced_connections:
+                    await self.paced_loads(bare, sidecar, workers, connections)
                 await stores.reset_naive(self.engine, [(USER_PREFIX, config.users, UNLIMITED)])
                 self.add(await self.wrk("naive", naive, workers, connections))
                 # Again at the end: the machine's drift over the block shows, and is averaged.
@@ -306,6 +312,23 @@ class Bench:
         finally:
             for server in servers:
                 await asyncio.to_thread(server.stop)
+
+    async def paced_loads(
+        self, bare: procs.Server, sidecar: procs.Server, workers: int, connections: int
+    ) -> None:
+        """Bare and reserve below saturation, at the same pace: the latency a chat service
+        sees from a sidecar that is not flat out."""
+        delay = str(self.config.paced_delay_ms)
+        self.add(
+            await self.wrk(
+                "bare-paced", bare, workers, connections, mode="bare", BENCH_DELAY_MS=delay
+            )
+        )
+        await self.fresh_users(USER_PREFIX, self.config.users, UNLIMITED)
+        load = await self.wrk(
+            "reserve-paced", sidecar, workers, connections, mode="reserve", BENCH_DELAY_MS=delay
+        )
+        self.add(load)
 
     def add(self, load: Load) -> None:
         self.results.loads.append(load)
@@ -686,7 +709,11 @@ def standard_notes(config: Config) -> list[str]:
         "cores used meanwhile by processes that are neither the server, Redis nor wrk: the "
         "noise of that load.",
         "Latency is wrk's per-request latency (connection-level, so it includes queueing "
-        "behind the other requests of the same connection's thread).",
+        "behind the other requests of the same connection's thread). The closed loads run "
+        "flat out, so their latency is mostly the queue of a saturated server (connections / "
+        "requests per second); bare-paced and reserve-paced run at "
+        f"{config.paced_connections} connections that each wait {config.paced_delay_ms} ms "
+        "after every answer, below saturation: the latency a chat service sees.",
         f"flow: reserve, then commit (tokens 1..granted) or refund ({config.refund_percent} %) "
         "the reservation it was granted; its latency is over both calls, its requests/s "
         "counts both.",

@@ -6,8 +6,8 @@ are empty, and checks the books (N events, totals = sum of charges).
 
     .venv/bin/python -m benchmarks.sync_throughput --entries 200000 --redis-db 12
 
-Uses its own database (quota_bench_sync, dropped afterwards) and the given Redis database,
-which it FLUSHDBs (never FLUSHALL).
+Uses its own Postgres database (--database, default quota_bench_sync, dropped afterwards) and
+the given Redis database, which it FLUSHDBs (never FLUSHALL).
 """
 
 import argparse
@@ -57,9 +57,10 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--redis-db", type=int, default=12)
+    parser.add_argument("--database", default="quota_bench_sync")
     args = parser.parse_args()
 
-    database_url = f"{PG_ROOT}/quota_bench_sync"
+    database_url = f"{PG_ROOT}/{args.database}"
     create_database_if_missing(database_url)
     engine = db.sync_engine(database_url)
     upgrade(engine)
@@ -101,7 +102,7 @@ async def main() -> None:
     await redis.aclose()
     admin = db.sync_engine(f"{PG_ROOT}/postgres")
     with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as cleanup:
-        cleanup.execute(text('DROP DATABASE IF EXISTS "quota_bench_sync" WITH (FORCE)'))
+        cleanup.execute(text(f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)'))
     admin.dispose()
 
 

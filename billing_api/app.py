@@ -1,6 +1,5 @@
 """The billing API's Starlette application: plans, subscriptions, usage, payments, webhooks."""
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -73,8 +72,7 @@ def create_app(
     async def user_of(request: Request) -> str:
         token = token_of(request)
         try:
-            # JWKS keys may be fetched over the network: kept off the event loop.
-            return await asyncio.to_thread(auth.verify, services.verifier, token)
+            return await auth.verify(services.verifier, token)
         except auth.AuthError as error:
             raise unauthorized(str(error)) from None
 
@@ -113,7 +111,6 @@ def create_app(
                     p.name: {"price": p.price_cents, "quota": p.quota, "features": list(p.features)}
                     for p in services.plans.values()
                 },
-                "currency": settings.stripe_currency,
             }
         )
 
@@ -204,5 +201,7 @@ def create_app(
         middleware=[Middleware(SecurityHeaders)],
         exception_handlers={HTTPException: http_error},
     )
+    # A trailing-slash typo is a JSON 404, not a redirect built from the Host header.
+    app.router.redirect_slashes = False
     app.state.services = services
     return app

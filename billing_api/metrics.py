@@ -37,3 +37,9 @@ PLAN_PUSHES = Counter(
 RATE_LIMITED = Counter(
     "quota_billing_rate_limited_requests_total", "Requests refused by a rate limit.", ["scope"]
 )
+SUBSCRIBE_RECOVERIES = Counter(
+    "quota_billing_subscribe_recoveries_total",
+    "Subscribe attempts left without an answer and settled later, by outcome (found: Stripe had "
+    "made the subscription; abandoned: it had not).",
+    ["outcome"],
+)

@@ -1,11 +1,11 @@
-"""What the billing API writes to Postgres: customers, subscriptions, payments and processed
-Stripe events, and the hand-over of a changed plan to the quota (NOTIFY for the sync worker,
-and a direct push into Redis).
+"""What the billing API writes to Postgres: customers, subscribe attempts, subscriptions,
+payments and processed Stripe events, and the hand-over of a changed plan to the quota (NOTIFY
+for the sync worker, and a direct push into Redis).
 
-Every change to one user's billing runs under that user's advisory lock (`lock_user`), taken
-in the transaction that writes: API calls and webhooks for a user are serialised, so a Stripe
-answer fetched earlier can never overwrite one fetched later, and two subscribes cannot both
-pass the "no paid subscription yet" check.
+Every change to one user's billing is made under that user's lease (billing_api.locks), whose
+fenced transactions do the writing: API calls and webhooks for a user are serialised, so a
+Stripe answer fetched earlier can never overwrite one fetched later, and two subscribes cannot
+both pass the "no paid subscription yet" check.
 """
 
 import logging
@@ -21,20 +21,29 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billing_api import metrics
 from billing_api.stripe_api import (
     Obj,
+    attempt_of,
     invoice_plan,
     invoice_subscription,
     subscription_period,
     subscription_plan,
 )
-from quota_common.accounts import PAID_STATUSES, PLAN_CHANNEL, push_account
+from quota_common.accounts import PAID_STATUSES, push_account
 from quota_common.plans import Plan
-from quota_common.schema import customers, payments, stripe_events, subscriptions
+from quota_common.schema import (
+    customers,
+    payments,
+    stripe_events,
+    subscribe_attempts,
+    subscriptions,
+)
 from quota_common.scripts import AnyRedis
 
 # First key of the two-key advisory locks of the billing API (the second is the user's hash).
 LOCK_NAMESPACE = 7300132
 # Stored when a subscription's item is not one of our plans: load_account treats it as FREE.
 UNKNOWN_PLAN = "UNKNOWN"
+# PaymentIntent statuses of a payment that has not failed but waits for the card holder.
+AWAITING_CUSTOMER = ("requires_action", "requires_confirmation", "processing")
 log = logging.getLogger("billing_api")
 
 
@@ -43,6 +52,7 @@ def from_unix(seconds: int) -> datetime:
 
 
 async def lock_user(conn: AsyncConnection, user_id: str) -> None:
+    """Serialises the pushes of one user's plan into Redis (a short transaction each)."""
     await conn.execute(
         text("SELECT pg_advisory_xact_lock(:namespace, hashtext(:user_id))"),
         {"namespace": LOCK_NAMESPACE, "user_id": user_id},
@@ -68,13 +78,6 @@ async def save_customer(conn: AsyncConnection, user_id: str, stripe_customer_id:
         insert(customers)
         .values(user_id=user_id, stripe_customer_id=stripe_customer_id)
         .on_conflict_do_nothing()
-    )
-
-
-async def notify_plan(conn: AsyncConnection, user_id: str) -> None:
-    """Delivered at commit, so the sync worker never reads a change that was rolled back."""
-    await conn.execute(
-        text("SELECT pg_notify(:channel, :user_id)"), {"channel": PLAN_CHANNEL, "user_id": user_id}
     )
 
 
@@ -109,7 +112,48 @@ async def save_subscription(
             },
         )
     )
-    await notify_plan(conn, user_id)
+    attempt_id = attempt_of(subscription)
+    if attempt_id is not None:
+        await finish_attempt(conn, user_id, attempt_id, subscription["id"])
+
+
+async def open_attempt(conn: AsyncConnection, user_id: str) -> Row[Any] | None:
+    """The user's subscribe attempt whose outcome is not recorded yet, with its `age`."""
+    age = (func.now() - subscribe_attempts.c.created_at).label("age")
+    return (
+        await conn.execute(
+            select(subscribe_attempts, age).where(
+                subscribe_attempts.c.user_id == user_id, subscribe_attempts.c.finished_at.is_(None)
+            )
+        )
+    ).first()
+
+
+async def start_attempt(
+    conn: AsyncConnection, user_id: str, plan: str, stripe_customer_id: str
+) -> int:
+    """A new open attempt (the unique index refuses a second open one for the user)."""
+    attempt_id = await conn.scalar(
+        insert(subscribe_attempts)
+        .values(user_id=user_id, plan=plan, stripe_customer_id=stripe_customer_id)
+        .returning(subscribe_attempts.c.id)
+    )
+    return int(attempt_id or 0)
+
+
+async def finish_attempt(
+    conn: AsyncConnection, user_id: str, attempt_id: int, subscription_id: str | None
+) -> None:
+    """Closes an attempt with the subscription it made (None: Stripe made none)."""
+    await conn.execute(
+        update(subscribe_attempts)
+        .where(
+            subscribe_attempts.c.id == attempt_id,
+            subscribe_attempts.c.user_id == user_id,
+            subscribe_attempts.c.finished_at.is_(None),
+        )
+        .values(finished_at=func.now(), stripe_subscription_id=subscription_id)
+    )
 
 
 async def paid_subscription(conn: AsyncConnection, user_id: str) -> Row[Any] | None:
@@ -135,21 +179,32 @@ async def subscription_ids_with_status(
     return [str(row) for row in rows if row]
 
 
-def payment_status(invoice: Obj) -> str:
+def payment_status(invoice: Obj, intent: Obj | None = None) -> str:
+    """Ours from Stripe's invoice status; an attempted open invoice whose payment waits for the
+    card holder (3-D Secure, `intent` given) is pending, not failed."""
     status = invoice.get("status")
     if status == "paid":
         return "succeeded"
     if status in ("void", "uncollectible"):
         return "failed"
-    if status == "open" and (invoice.get("attempted") or invoice.get("attempt_count")):
+    waiting = intent is not None and intent.get("status") in AWAITING_CUSTOMER
+    if (
+        status == "open"
+        and not waiting
+        and (invoice.get("attempted") or invoice.get("attempt_count"))
+    ):
         return "failed"
     return "pending"
 
 
 async def save_invoice(
-    conn: AsyncConnection, user_id: str, invoice: Obj, plan: str | None = None
+    conn: AsyncConnection,
+    user_id: str,
+    invoice: Obj,
+    plan: str | None = None,
+    intent: Obj | None = None,
 ) -> None:
-    status = payment_status(invoice)
+    status = payment_status(invoice, intent)
     amount = invoice.get("amount_paid") if status == "succeeded" else invoice.get("amount_due")
     values: dict[str, Any] = {
         "stripe_subscription_id": invoice_subscription(invoice),
@@ -177,10 +232,23 @@ async def save_invoice(
     )
 
 
-async def mark_refunded(conn: AsyncConnection, invoice_id: str) -> None:
+async def save_refund(conn: AsyncConnection, user_id: str, invoice_id: str, charge: Obj) -> None:
+    """What the charge paying an invoice has had refunded; all of it makes it `refunded`."""
+    values: dict[str, Any] = {"amount_refunded_cents": int(charge.get("amount_refunded") or 0)}
+    if charge.get("refunded"):
+        values["status"] = "refunded"
     await conn.execute(
-        update(payments).where(payments.c.stripe_invoice_id == invoice_id).values(status="refunded")
+        update(payments)
+        .where(payments.c.stripe_invoice_id == invoice_id, payments.c.user_id == user_id)
+        .values(values)
     )
+
+
+async def event_seen(conn: AsyncConnection, event_id: str) -> bool:
+    found = await conn.scalar(
+        select(stripe_events.c.event_id).where(stripe_events.c.event_id == event_id)
+    )
+    return found is not None
 
 
 async def record_event(conn: AsyncConnection, event_id: str, event_type: str) -> bool:
@@ -195,6 +263,10 @@ async def record_event(conn: AsyncConnection, event_id: str, event_type: str) ->
     return inserted.first() is not None
 
 
+# lua/apply_plan.lua's answers, as the plan push metric names them.
+PUSH_OUTCOMES = {1: "applied", 0: "not_loaded", 2: "period_moved"}
+
+
 async def push_plan(
     engine: AsyncEngine, redis: AnyRedis, user_id: str, plans: dict[str, Plan]
 ) -> None:
@@ -205,8 +277,8 @@ async def push_plan(
     try:
         async with engine.begin() as conn:
             await lock_user(conn, user_id)
-            applied = await push_account(redis, conn, user_id, plans, datetime.now(UTC))
-        metrics.PLAN_PUSHES.labels("applied" if applied else "not_loaded").inc()
+            outcome = await push_account(redis, conn, user_id, plans)
+        metrics.PLAN_PUSHES.labels(PUSH_OUTCOMES.get(outcome, "not_loaded")).inc()
     except (RedisError, OSError, TimeoutError, SQLAlchemyError) as error:
         metrics.PLAN_PUSHES.labels("failed").inc()
         log.warning("plan push failed", extra={"user_id": user_id, "error": repr(error)})

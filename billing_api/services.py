@@ -1,10 +1,11 @@
 """What every billing operation needs, made once at start."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import stripe
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing_api.locks import Queue
 from quota_common.auth import Verifier
 from quota_common.plans import Plan
 from quota_common.scripts import AnyRedis
@@ -19,3 +20,5 @@ class Services:
     redis: AnyRedis
     stripe: stripe.StripeClient
     verifier: Verifier
+    # Per user, this process's requests for the user's lease (billing_api.locks).
+    queues: dict[str, Queue] = field(default_factory=dict)

@@ -4,12 +4,14 @@ Plans are Stripe Plans (not Prices: localstripe has no Prices API, and Plans wor
 per paid plan, price and currency, with ids derived from those so a price change makes a new
 plan and old subscriptions keep theirs. Each plan carries `metadata.quota_plan`, which is how a
 subscription item is mapped back to our plan name whatever its price. Create calls carry
-idempotency keys made from our own ids, so a retried request never makes a second object.
+idempotency keys made from our own ids (the user for the customer, the subscribe attempt's row
+for a subscription), so a retried request never makes a second object.
 
 Objects are returned as plain dicts (`to_dict()`): SDK objects are not dicts, and the fields
 that moved between API versions (periods on items or on the subscription) are read in one place.
 """
 
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import stripe
@@ -19,6 +21,11 @@ from quota_common.settings import Settings
 
 Obj = dict[str, Any]
 TIMEOUT_S = 20
+# Metadata key on subscriptions: the subscribe_attempts row that made it.
+ATTEMPT_KEY = "subscribe_attempt"
+# A customer has one subscription per subscribe, and subscribes are rate limited.
+SUBSCRIPTIONS_LISTED_MAX = 100
+ENDED_STATUSES = ("canceled", "incomplete_expired")
 
 
 def client(settings: Settings) -> stripe.StripeClient:
@@ -87,25 +94,63 @@ async def set_payment_method(
 
 
 async def create_subscription(
-    api: stripe.StripeClient, customer_id: str, user_id: str, stripe_plan: str, attempt: str
+    api: stripe.StripeClient, customer_id: str, user_id: str, stripe_plan: str, attempt_id: int
 ) -> Obj:
+    """The subscription of one subscribe attempt: its idempotency key and metadata name our own
+    attempt row, so the attempt is found again whatever happened to Stripe's answer."""
     params: Any = {
         "customer": customer_id,
         "items": [{"plan": stripe_plan}],
-        "metadata": {"user_id": user_id},
+        "metadata": {"user_id": user_id, ATTEMPT_KEY: str(attempt_id)},
         "expand": ["latest_invoice"],
     }
     subscription = await api.v1.subscriptions.create_async(
-        params, {"idempotency_key": f"quota-subscribe-{user_id}-{attempt}"}
+        params, {"idempotency_key": f"quota-subscribe-{attempt_id}"}
     )
     return subscription.to_dict()
 
 
-async def change_plan(api: stripe.StripeClient, subscription: Obj, stripe_plan: str) -> Obj:
-    """Swaps the subscription's one item to the new plan. proration_behavior is left out on
-    purpose: Stripe's default prorates, and localstripe fails when it is given."""
-    item = subscription["items"]["data"][0]
-    params: Any = {"items": [{"id": item["id"], "plan": stripe_plan}]}
+async def attempt_subscription(
+    api: stripe.StripeClient, customer_id: str, attempt_id: int
+) -> Obj | None:
+    """The subscription Stripe made for a subscribe attempt, or None when it made none. Read
+    from the customer's list (consistent, unlike Stripe's search), so it holds after the
+    idempotency key's 24 hours too."""
+    params: Any = {
+        "customer": customer_id,
+        "status": "all",
+        "limit": SUBSCRIPTIONS_LISTED_MAX,
+        "expand": ["data.latest_invoice"],
+    }
+    listed = await api.v1.subscriptions.list_async(params)
+    for subscription in listed.data:
+        found = subscription.to_dict()
+        if (found.get("metadata") or {}).get(ATTEMPT_KEY) == str(attempt_id):
+            return found
+    return None
+
+
+def attempt_of(subscription: Obj) -> int | None:
+    """The id of the subscribe attempt that made a subscription, from its metadata."""
+    metadata = subscription.get("metadata")
+    value = metadata.get(ATTEMPT_KEY) if isinstance(metadata, dict) else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    return None
+
+
+async def change_plan(api: stripe.StripeClient, subscription: Obj, stripe_plan: str | None) -> Obj:
+    """Swaps the subscription's one item to `stripe_plan` (None: keeps it) and clears a
+    scheduled cancellation: a user who picks a plan wants to keep it. proration_behavior is
+    left out on purpose: Stripe's default prorates, and localstripe fails when it is given."""
+    params: Any = {}
+    if stripe_plan is not None:
+        item = subscription["items"]["data"][0]
+        params["items"] = [{"id": item["id"], "plan": stripe_plan}]
+    if subscription.get("cancel_at_period_end"):
+        params["cancel_at_period_end"] = False
+    if not params:
+        return subscription
     updated = await api.v1.subscriptions.update_async(subscription["id"], params)
     return updated.to_dict()
 
@@ -116,27 +161,69 @@ async def cancel_at_period_end(api: stripe.StripeClient, subscription_id: str) -
     return updated.to_dict()
 
 
-async def cancel_now(api: stripe.StripeClient, subscription_id: str) -> Obj:
-    return (await api.v1.subscriptions.cancel_async(subscription_id)).to_dict()
+async def cancel_now(api: stripe.StripeClient, subscription_id: str) -> Obj | None:
+    """Ends the subscription at once. One Stripe refuses to cancel because it has ended already
+    (a retry after a lost answer) is read back instead; None when Stripe does not know it."""
+    try:
+        return (await api.v1.subscriptions.cancel_async(subscription_id)).to_dict()
+    except stripe.InvalidRequestError:
+        found = await retrieve_subscription(api, subscription_id)
+        if found is not None and found.get("status") not in ENDED_STATUSES:
+            raise
+        return found
+
+
+async def _unless_missing(fetch: Awaitable[stripe.StripeObject]) -> Obj | None:
+    """The object as a dict; None when Stripe does not know it (404)."""
+    try:
+        return (await fetch).to_dict()
+    except stripe.InvalidRequestError as error:
+        if error.http_status == 404:
+            return None
+        raise
 
 
 async def retrieve_subscription(api: stripe.StripeClient, subscription_id: str) -> Obj | None:
-    """The subscription as Stripe holds it now; None when Stripe does not know it."""
-    try:
-        return (await api.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
-    except stripe.InvalidRequestError as error:
-        if error.http_status == 404:
-            return None
-        raise
+    """The subscription as Stripe holds it now."""
+    return await _unless_missing(api.v1.subscriptions.retrieve_async(subscription_id))
 
 
 async def retrieve_invoice(api: stripe.StripeClient, invoice_id: str) -> Obj | None:
-    try:
-        return (await api.v1.invoices.retrieve_async(invoice_id)).to_dict()
-    except stripe.InvalidRequestError as error:
-        if error.http_status == 404:
-            return None
-        raise
+    return await _unless_missing(api.v1.invoices.retrieve_async(invoice_id))
+
+
+async def retrieve_charge(api: stripe.StripeClient, charge_id: str) -> Obj | None:
+    return await _unless_missing(api.v1.charges.retrieve_async(charge_id))
+
+
+async def invoice_intent(api: stripe.StripeClient, invoice: Obj) -> Obj | None:
+    """The PaymentIntent paying an invoice: `invoice.payment_intent` before API 2025-03-31
+    (and in localstripe), the invoice's payments from then on."""
+    intent_id = object_id(invoice.get("payment_intent"))
+    if intent_id is None:
+        params: Any = {"invoice": invoice["id"], "limit": 1}
+        for paid_by in (await api.v1.invoice_payments.list_async(params)).data:
+            intent_id = object_id(paid_by.to_dict().get("payment", {}).get("payment_intent"))
+    if intent_id is None:
+        return None
+    return (await api.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+
+
+async def charge_invoice(api: stripe.StripeClient, charge: Obj) -> str | None:
+    """The invoice a charge paid: `charge.invoice` before API 2025-03-31, the invoice payment
+    of its PaymentIntent from then on (localstripe has it on the PaymentIntent)."""
+    found = object_id(charge.get("invoice"))
+    intent_id = object_id(charge.get("payment_intent"))
+    if found is not None or intent_id is None:
+        return found
+    intent = (await api.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+    found = object_id(intent.get("invoice"))
+    if found is not None:
+        return found
+    params: Any = {"payment": {"type": "payment_intent", "payment_intent": intent_id}, "limit": 1}
+    for paid in (await api.v1.invoice_payments.list_async(params)).data:
+        found = object_id(paid.to_dict().get("invoice"))
+    return found
 
 
 def object_id(value: object) -> str | None:

@@ -1,9 +1,10 @@
 """What a user has used: live from Redis through the sidecar's own Lua script (so the numbers
 are the ones the sidecar enforces, holds included), and history from Postgres `usage_events`.
 
-A user Redis does not know is seeded from Postgres first, exactly as the sidecar does, which
-is what makes a brand-new user's /api/usage work. When Redis is down the answer falls back to
-what Postgres has recorded (`"source": "recorded"`: settled usage only, no open holds).
+When Redis does not know the user (a brand-new user, or Redis lost its state) or is down, the
+answer is what Postgres records (`"source": "recorded"`: settled usage, no open holds), which
+is exactly what the sidecar will start from. Nothing is seeded from here: the sidecar seeds a
+user itself and re-reads any plan change committed meanwhile, which a second seeder would race.
 """
 
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,15 +25,11 @@ GROUPS_MAX = 100
 
 
 async def _live(services: Services, user_id: str) -> list[str] | None:
+    """The sidecar's numbers; None when Redis does not hold the user."""
     keys = user_keys(user_id)
     script_keys = [keys.state, keys.holds, keys.stream, keys.due]
     args = [user_id, keys.record_prefix]
     code, answer = await SCRIPTS["usage"](services.redis, script_keys, args)
-    if code == Code.NOT_LOADED:
-        async with services.engine.connect() as conn:
-            account = await load_account(conn, user_id, services.plans, datetime.now(UTC))
-        await SCRIPTS["seed"](services.redis, [keys.state], account.script_args())
-        code, answer = await SCRIPTS["usage"](services.redis, script_keys, args)
     if code != Code.OK:
         return None
     text = answer.decode() if isinstance(answer, bytes) else str(answer)
@@ -91,18 +88,24 @@ def _midnight(day: date) -> datetime:
 async def history(
     services: Services, user_id: str, first: date | None, last: date | None, group_by: str | None
 ) -> dict[str, Any]:
-    """Tokens charged per UTC day from `first` to `last` (both included; default the current
-    period), and, with `group_by`, totals per value of that metadata key."""
+    """Tokens charged per UTC day from `first` to `last` (both included), and, with
+    `group_by`, totals per value of that metadata key. By default the current period: its
+    days, counting only the usage of this period (a period starting mid-day shares its first
+    day with the previous one)."""
     async with services.engine.connect() as conn:
         if first is None or last is None:
             _, start, end, _ = await plan_period(conn, user_id, services.plans, datetime.now(UTC))
             first, last = start.date(), (end - timedelta(microseconds=1)).date()
-        since, until = _midnight(first), _midnight(last + timedelta(days=1))
-        mine = (
-            usage_events.c.user_id == user_id,
-            usage_events.c.settled_at >= since,
-            usage_events.c.settled_at < until,
-        )
+            within: tuple[Any, ...] = (
+                usage_events.c.period_start >= start,
+                usage_events.c.period_start < end,
+            )
+        else:
+            within = (
+                usage_events.c.settled_at >= _midnight(first),
+                usage_events.c.settled_at < _midnight(last + timedelta(days=1)),
+            )
+        mine = (usage_events.c.user_id == user_id, *within)
         day = cast(func.timezone("UTC", usage_events.c.settled_at), Date).label("day")
         tokens = func.coalesce(func.sum(usage_events.c.tokens_charged), 0).label("tokens")
         calls = func.count().filter(usage_events.c.tokens_charged > 0).label("calls")

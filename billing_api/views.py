@@ -36,6 +36,7 @@ def payment(row: Row[Any]) -> dict[str, Any]:
         "id": row.stripe_invoice_id,
         "status": row.status,
         "amount": row.amount_cents,
+        "amount_refunded": row.amount_refunded_cents,
         "currency": row.currency,
         "plan": row.plan,
         "subscription_id": row.stripe_subscription_id,

@@ -24,6 +24,10 @@ Lua's own number formatting, which was a third of a reserve's cost.
 
 -- How long a settled reservation is remembered for replays, in ms (24 h).
 local SETTLED_RETENTION_MS = 86400000
+-- A user's state stays this long after the end of the last period they made a call in, then
+-- Redis drops it (the next call loads it from Postgres again): Redis holds the users of the
+-- last weeks, not everyone ever seen. Every hold has expired and been streamed by then.
+local IDLE_STATE_RETENTION_S = 7 * 86400
 -- Expired holds settled per batch (bounds ZREM's unpack), and per call: a user with more holds
 -- expiring at once has the rest settled by the next calls (and the reaper), so one call never
 -- blocks Redis for long; until then those holds still count (never too much is granted).
@@ -100,6 +104,11 @@ local function limit_of(s)
   return s.quota + s.credits
 end
 
+-- Drops the state IDLE_STATE_RETENTION_S after `period_end` unless a later period renews it.
+local function keep_until_idle(key, period_end)
+  redis.call('PEXPIREAT', key, (period_end + IDLE_STATE_RETENTION_S) * 1000)
+end
+
 -- Starts a new period when the current one has ended: usage, credits and alerts start from
 -- zero, a scheduled plan (np/nq) takes over, FREE follows calendar months and a paid plan
 -- repeats its period length until Stripe's renewal is applied.
@@ -119,6 +128,7 @@ local function roll_period(key, s, now_s)
   redis.call('HSET', key, 'plan', s.plan, 'quota', s.quota, 'ps', s.ps, 'pe', s.pe,
     'used', 0, 'credits', 0, 'al', 0)
   redis.call('HDEL', key, 'np', 'nq')
+  keep_until_idle(key, s.pe)
 end
 
 -- Settles every hold of the user whose expiry has passed: the tokens stop counting and the
@@ -210,6 +220,6 @@ local function fire_alerts(k, s, thresholds, now)
 end
 
 -- Mirrors quota_common.codes.Code.
-local OK, REPLAYED, NOT_LOADED = 0, 1, -1
+local OK, REPLAYED, OTHER_PERIOD, NOT_LOADED = 0, 1, 2, -1
 local QUOTA_EXCEEDED, IDEMPOTENCY_CONFLICT, NOT_FOUND = -2, -3, -4
 local ALREADY_COMMITTED, ALREADY_REFUNDED, EXPIRED, BELOW_HOLD = -5, -6, -7, -8

@@ -14,10 +14,13 @@ ARGV[2] floor: tokens charged in that period as Postgres records them (integer >
 ARGV[3] the stream's last generated id when the worker checked it ('0-0' for no stream)
 ARGV[4] consumer group of the sync workers
 
-Returns {code, tokens}:
-  OK (0), tokens = how much `used` was raised (0 when it was already at least the floor);
-  NOT_LOADED (-1) Redis does not know the user (the next call seeds it from Postgres anyway);
-  STALE (2) another period in Redis or the stream moved on: nothing changed, check again later.
+Returns {code, used}:
+  OK (0), used = Redis `used` before the call: the caller sees how far apart the two were in
+    either direction (raised by floor - used when below; above by used - floor, left alone);
+  NOT_LOADED (-1) Redis does not know the user (the next call seeds it from Postgres anyway),
+    used = 0;
+  STALE (2) another period in Redis or the stream moved on: nothing changed, check again later,
+    used = 0.
 ]]
 local state, stream = KEYS[1], KEYS[2]
 local period_start, floor = ARGV[1], tonumber(ARGV[2])
@@ -50,6 +53,5 @@ elseif expected_last_id ~= '0-0' then
 end
 
 local used = tonumber(redis.call('HGET', state, 'used')) or 0
-if used >= floor then return {OK, 0} end
-redis.call('HSET', state, 'used', floor)
-return {OK, floor - used}
+if used < floor then redis.call('HSET', state, 'used', int(floor)) end
+return {OK, used}

@@ -1,6 +1,7 @@
 --[[
 seed: put a user's state, loaded from Postgres, into Redis unless another caller already did.
 Setting (never adding) the fields makes concurrent first requests for one user seed exactly once.
+The state expires a while after the period ends unless the user makes a call in a later one.
 
 KEYS[1] state hash
 ARGV[1] plan          ARGV[2] quota (tokens of the plan)   ARGV[3] credits of the period
@@ -15,4 +16,5 @@ if redis.call('EXISTS', state) == 1 then return 0 end
 redis.call('HSET', state, 'plan', ARGV[1], 'quota', ARGV[2], 'credits', ARGV[3], 'used', ARGV[4],
   'reserved', 0, 'ps', ARGV[5], 'pe', ARGV[6], 'al', 0)
 if ARGV[7] ~= '' then redis.call('HSET', state, 'np', ARGV[7], 'nq', ARGV[8]) end
+keep_until_idle(state, tonumber(ARGV[6]))
 return 1

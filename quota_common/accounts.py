@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
 from quota_common.plans import FREE, Plan
+from quota_common.redis_client import redis_now
 from quota_common.schema import credit_grants, subscriptions, usage_totals
 from quota_common.scripts import SCRIPTS, AnyRedis
 
@@ -130,10 +131,12 @@ async def load_account(
 
 
 async def push_account(
-    redis: AnyRedis, conn: AsyncConnection, user_id: str, plans: dict[str, Plan], now: datetime
-) -> bool:
-    """Applies the plan Postgres records for the user to Redis at once (when Redis knows the
-    user; otherwise the next call seeds it). True when Redis was updated."""
-    account = await load_account(conn, user_id, plans, now)
-    applied = await SCRIPTS["apply_plan"](redis, [user_keys(user_id).state], account.script_args())
-    return bool(applied)
+    redis: AnyRedis, conn: AsyncConnection, user_id: str, plans: dict[str, Plan]
+) -> int:
+    """Applies the plan Postgres records for the user, in the period current by Redis' clock,
+    to Redis at once (when Redis knows the user; otherwise the next call seeds it). Returns
+    lua/apply_plan.lua's answer: 1 applied, 0 user unknown to Redis, 2 a period boundary
+    passed meanwhile (the sync worker's push follows)."""
+    account = await load_account(conn, user_id, plans, await redis_now(redis))
+    answer = await SCRIPTS["apply_plan"](redis, [user_keys(user_id).state], account.script_args())
+    return int(answer)

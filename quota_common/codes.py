@@ -8,6 +8,7 @@ from typing import Any
 class Code(IntEnum):
     OK = 0
     REPLAYED = 1
+    OTHER_PERIOD = 2
     NOT_LOADED = -1
     QUOTA_EXCEEDED = -2
     IDEMPOTENCY_CONFLICT = -3
@@ -19,6 +20,7 @@ class Code(IntEnum):
 
 
 class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
     INVALID_JSON = "invalid_json"
     VALIDATION_ERROR = "validation_error"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

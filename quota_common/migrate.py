@@ -46,7 +46,7 @@ def main() -> None:
     try:
         settings = settings_module.load()
     except settings_module.SettingsError as error:
-        sys.exit(f"quota-migrate: {error}")
+        settings_module.exit_bad_setting("quota-migrate", error)
     try:
         create_database_if_missing(settings.database_url)
         engine = sync_engine(settings.database_url)

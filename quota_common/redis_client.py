@@ -1,4 +1,7 @@
-"""Redis connections for a single server or a cluster, chosen by the settings."""
+"""Redis connections for a single server or a cluster, chosen by the settings, and Redis'
+clock (the scripts roll periods by it, so Python chooses periods by it too)."""
+
+from datetime import UTC, datetime
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -32,3 +35,8 @@ def connect(
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)
+
+
+async def redis_now(redis: AnyRedis) -> datetime:
+    seconds, micros = await redis.time()
+    return datetime.fromtimestamp(int(seconds) + int(micros) / 1_000_000, UTC)

@@ -1,19 +1,34 @@
 """Settings of every process, read from the environment and a `.env` file in the working
 directory (the environment wins). `load()` checks what every process shares; each process then
 calls `require_*` for what only it needs. A bad setting raises SettingsError naming it, which the
-console scripts print as one line before exiting with status 2.
+console scripts print as one line before exiting with status 2 (`exit_bad_setting`); so does an
+address a server cannot listen on (`listening_socket`).
 """
 
+import ipaddress
 import os
+import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 
 class SettingsError(Exception):
     pass
+
+
+# The exit status of a process stopped by a bad setting (or one that cannot work here, such as
+# a port already taken).
+EXIT_BAD_SETTING = 2
+
+
+def exit_bad_setting(process: str, error: SettingsError) -> NoReturn:
+    """The one line an operator sees, and status 2."""
+    print(f"{process}: {error}", file=sys.stderr)
+    sys.exit(EXIT_BAD_SETTING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,63 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     return value
 
 
+def _redis_url(env: Mapping[str, str], default: str, cluster: bool) -> str:
+    schemes = ("redis", "rediss", "unix", "redis+cluster")
+    value = _url(env, "REDIS_URL", default, schemes)
+    parts = urlsplit(value)
+    # redis-py silently ignores a database that is not a number (redis://host/abc is DB 0).
+    query_db = parse_qs(parts.query).get("db", [""])[0]
+    path_db = "" if parts.scheme == "unix" else parts.path.removeprefix("/")
+    database = query_db or path_db
+    if database and not database.isdigit():
+        raise SettingsError(
+            f"REDIS_URL's database must be a number (redis://host:6379/0), got {database!r}"
+        )
+    if (cluster or parts.scheme == "redis+cluster") and database not in ("", "0"):
+        raise SettingsError(f"REDIS_URL: Redis Cluster has only database 0, got {database!r}")
+    return value
+
+
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    """An address to listen on: an IP address, or a host name that resolves here."""
+    value = env.get(name) or default
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, ValueError):
+        raise SettingsError(
+            f"{name} must be an IP address or a host name that resolves, got {value!r}"
+        ) from None
+    return value
+
+
+def listening_socket(host_setting: str, host: str, port_setting: str, port: int) -> socket.socket:
+    """The bound TCP socket a server listens on, taken before the application starts, so an
+    address that cannot be had here (not this machine's, or the port in use) is one line naming
+    the settings instead of a server's traceback after its start-up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise SettingsError(f"{host_setting} {host!r}: {error.strerror}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise SettingsError(
+            f"{host_setting}:{port_setting} {host}:{port} cannot be listened on: {error.strerror}"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _optional(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name) or None
 
@@ -167,11 +239,10 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     log_level = (env.get("LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    redis_cluster = _bool(env, "REDIS_CLUSTER")
     return Settings(
-        redis_url=_url(
-            env, "REDIS_URL", defaults.redis_url, ("redis", "rediss", "unix", "redis+cluster")
-        ),
-        redis_cluster=_bool(env, "REDIS_CLUSTER"),
+        redis_url=_redis_url(env, defaults.redis_url, redis_cluster),
+        redis_cluster=redis_cluster,
         redis_timeout_ms=_int(env, "REDIS_TIMEOUT_MS", defaults.redis_timeout_ms, 1, 60_000),
         database_url=_url(
             env,
@@ -186,7 +257,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         plan_plus_price=_int(env, "PLAN_PLUS_PRICE", defaults.plan_plus_price, 0, 10**8),
         plan_pro_price=_int(env, "PLAN_PRO_PRICE", defaults.plan_pro_price, 0, 10**8),
         reservation_ttl_s=_int(env, "RESERVATION_TTL_S", defaults.reservation_ttl_s, 1, 3600),
-        sidecar_host=env.get("SIDECAR_HOST") or defaults.sidecar_host,
+        sidecar_host=_host(env, "SIDECAR_HOST", defaults.sidecar_host),
         sidecar_port=_int(env, "SIDECAR_PORT", defaults.sidecar_port, 1, 65535),
         sidecar_uds=_optional(env, "SIDECAR_UDS"),
         sidecar_token=_optional(env, "SIDECAR_TOKEN"),
@@ -202,7 +273,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         auth_jwks_algorithms=_algorithms(env),
         auth_issuer=_optional(env, "AUTH_ISSUER"),
         auth_audience=_optional(env, "AUTH_AUDIENCE"),
-        billing_host=env.get("BILLING_HOST") or defaults.billing_host,
+        billing_host=_host(env, "BILLING_HOST", defaults.billing_host),
         billing_port=_int(env, "BILLING_PORT", defaults.billing_port, 1, 65535),
         billing_rate_user_per_min=_int(
             env, "BILLING_RATE_USER_PER_MIN", defaults.billing_rate_user_per_min, 1, 10**6
@@ -269,7 +340,7 @@ def _sync_worker(env: Mapping[str, str]) -> dict[str, Any]:
     """Settings of the sync worker, each bounded so a typo cannot stall or flood it."""
     d = Settings()
     return {
-        "sync_worker_host": env.get("SYNC_WORKER_HOST") or d.sync_worker_host,
+        "sync_worker_host": _host(env, "SYNC_WORKER_HOST", d.sync_worker_host),
         "sync_worker_port": _int(env, "SYNC_WORKER_PORT", d.sync_worker_port, 0, 65535),
         "sync_batch_size": _int(env, "SYNC_BATCH_SIZE", d.sync_batch_size, 1, 100_000),
         "sync_poll_interval_ms": _int(

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,10 +41,10 @@ reservation_ids = (f"{RESERVATION_ID_PREFIX}{n:x}" for n in itertools.count())
 log = logging.getLogger("sidecar")
 
 
-def refused(code: Code, answer: str, reservation_id: str) -> ApiError:
+def refused(code: Code, values: list[Any], reservation_id: str) -> ApiError:
     status, error = REFUSALS[code]
     if code == Code.QUOTA_EXCEEDED:
-        fields, retry_after = answers.refusal(answer)
+        fields, retry_after = answers.refusal(values)
         metrics.REFUSED.inc()
         return ApiError(
             status,
@@ -55,7 +54,7 @@ def refused(code: Code, answer: str, reservation_id: str) -> ApiError:
             **fields,
         )
     if code == Code.BELOW_HOLD:
-        return ApiError(status, error, f"tokens must be at least the {answer} already held")
+        return ApiError(status, error, f"tokens must be at least the {values[0]} already held")
     messages = {
         Code.IDEMPOTENCY_CONFLICT: "this reservation_id was used with different fields",
         Code.NOT_FOUND: "no such reservation for this user",
@@ -83,12 +82,12 @@ def create_app(
     journal = Journal(Path(settings.sidecar_journal_dir))
 
     def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Answer:
-        breaker = ledger.breaker
+        breaker = ledger.breakers.for_key(user_keys(user_id).state)
         fingerprint = (tokens, min_tokens, ttl_ms)
         known = breaker.grants.get((user_id, rid))
         if known is not None:
             if known[0] != fingerprint:
-                raise refused(Code.IDEMPOTENCY_CONFLICT, "", rid)
+                raise refused(Code.IDEMPOTENCY_CONFLICT, [], rid)
             return Answer({**known[1], "replayed": True})
         budget = settings.fail_open_budget
         granted = breaker.spend_budget(user_id, tokens, min_tokens, budget)
@@ -106,20 +105,36 @@ def create_app(
         return Answer(body)
 
     async def replay(entry: dict[str, Any]) -> None:
-        user = user_keys(entry["user_id"])
-        if entry["op"] == "commit":
-            await ledger.commit(user, entry["reservation_id"], entry["tokens"], entry["metadata"])
+        """Applies a journal entry, checked as its request was: a line that is not a commit or
+        refund raises here, and the journal sets it aside instead of applying it half-checked."""
+        fields = dict(entry)
+        op, metadata = fields.pop("op", None), fields.pop("metadata", "")
+        if op == "commit" and isinstance(metadata, str):
+            body = validate(fields, COMMIT)
+            user = user_keys(body["user_id"])
+            code, _ = await ledger.commit(user, body["reservation_id"], body["tokens"], metadata)
+        elif op == "refund":
+            body = validate(fields, REFUND)
+            code, _ = await ledger.refund(user_keys(body["user_id"]), body["reservation_id"])
         else:
-            await ledger.refund(user, entry["reservation_id"])
+            raise ValueError(f"not a journalled commit or refund (op {op!r})")
+        if code not in (Code.OK, Code.REPLAYED):
+            log.warning(
+                "journalled settlement refused",
+                extra={"op": op, "reservation_id": body["reservation_id"], "code": code.name},
+            )
 
     async def replay_journal() -> None:
+        # Runs while the breaker is open too: its first call is then the breaker's probe, so an
+        # idle sidecar applies its journal (and closes the breaker) as soon as Redis is back.
         while True:
             await asyncio.sleep(JOURNAL_REPLAY_INTERVAL_S)
-            if ledger.breaker.open:
-                continue
             try:
                 replayed = await journal.replay(replay)
             except UNAVAILABLE:
+                continue  # still away: the entries wait for the next round
+            except Exception:
+                log.exception("journal replay failed")
                 continue
             if replayed:
                 log.warning("journal replayed", extra={"entries": replayed})
@@ -154,6 +169,7 @@ def create_app(
         code, answer = await ledger.extend(user, body["reservation_id"], body["tokens"], ttl_ms)
         if code != Code.OK:
             raise refused(code, answer, body["reservation_id"])
+        metrics.GRANTED.inc(answer[8])
         return Answer(answers.reservation(body["reservation_id"], user.user_id, answer, False))
 
     async def commit(call: Call) -> Answer:
@@ -164,7 +180,7 @@ def create_app(
                 user, body["reservation_id"], body["tokens"], body["metadata"]
             )
         except UNAVAILABLE:
-            journal.append({"op": "commit", **body})
+            await journal.append({"op": "commit", **body})
             metrics.JOURNALLED.inc()
             return Answer(
                 answers.journalled(
@@ -188,7 +204,7 @@ def create_app(
         try:
             code, answer = await ledger.refund(user, body["reservation_id"])
         except UNAVAILABLE:
-            journal.append({"op": "refund", **body})
+            await journal.append({"op": "refund", **body})
             metrics.JOURNALLED.inc()
             return Answer(answers.journalled(body["reservation_id"], user.user_id, "refunded", 0))
         if code not in (Code.OK, Code.REPLAYED):
@@ -211,7 +227,7 @@ def create_app(
             loaded = await store.script_exists(*(s.sha for s in SCRIPTS.values()))
             if not all(loaded):
                 await register_all(store)
-        except (RedisError, OSError) as error:
+        except STORE_ERRORS as error:
             return JSONResponse(
                 {"status": "unavailable", "redis": type(error).__name__}, status_code=503
             )
@@ -228,7 +244,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Redis down at start: /readyz says so, and every call loads its script once it is back.
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             await register_all(store)
             await ledger.pipeline.connect()
         replayer = asyncio.create_task(replay_journal())
@@ -236,9 +252,15 @@ def create_app(
         replayer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await replayer
-        with contextlib.suppress(*UNAVAILABLE):
+        # What cannot be applied now stays on disk, unlocked: the next sidecar started on this
+        # directory applies it.
+        try:
             await journal.replay(replay)
-        journal.close()
+        except UNAVAILABLE:
+            log.warning("journal kept for the next start: the store is unavailable")
+        except Exception:
+            log.exception("journal kept for the next start")
+        await journal.close()
         await ledger.pipeline.aclose()
         await store.aclose()
         await database.dispose()

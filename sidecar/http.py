@@ -127,6 +127,26 @@ async def send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+class EverySecond:
+    """Lets one event through per second and counts the ones it held back."""
+
+    def __init__(self) -> None:
+        self.next_at = 0.0
+        self.skipped = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.skipped += 1
+            return False
+        self.next_at = now + 1.0
+        return True
+
+    def held_back(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 class Endpoint:
     """An ASGI app for one JSON route: method and bearer checks, the handler, its metrics, and
     every failure turned into a JSON error."""
@@ -144,6 +164,8 @@ class Endpoint:
         self.token = token
         self.latency = metrics.LATENCY.labels(route)
         self.counts: dict[int, Any] = {}
+        # An outage answers thousands of 503s a second: one log line a second tells as much.
+        self.unavailable_log = EverySecond()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -180,9 +202,15 @@ class Endpoint:
             )
         except UNAVAILABLE as error:
             metrics.STORE_ERRORS.inc()
-            log.warning(
-                "store unavailable", extra={"route": self.route, "error": type(error).__name__}
-            )
+            if self.unavailable_log.ready():
+                log.warning(
+                    "store unavailable",
+                    extra={
+                        "route": self.route,
+                        "error": type(error).__name__,
+                        "since_last_line": self.unavailable_log.held_back(),
+                    },
+                )
             return error_answer(
                 503,
                 ErrorCode.STORE_UNAVAILABLE,

@@ -5,7 +5,6 @@ than a day ago)."""
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -15,10 +14,11 @@ from quota_common.accounts import load_account
 from quota_common.codes import Code
 from quota_common.keys import UserKeys
 from quota_common.plans import Plan
+from quota_common.redis_client import redis_now
 from quota_common.schema import usage_events
 from quota_common.scripts import SCRIPTS, AnyRedis, LuaScript
 from sidecar import metrics
-from sidecar.outage import STORE_ERRORS, Breaker, StoreUnavailable
+from sidecar.outage import STORE_ERRORS, Breakers, StoreUnavailable
 from sidecar.pipeline import ScriptPipeline
 
 # Loads of a user that Redis keeps losing before the call lands, before answering 503.
@@ -48,7 +48,7 @@ class Ledger:
         self.engine = engine
         self.plans = plans
         self.thresholds = ",".join(str(percent) for percent in alert_thresholds)
-        self.breaker = Breaker()
+        self.breakers = Breakers(redis)
         self.pipeline = ScriptPipeline(redis, timeout_s)
         self._loading: dict[str, asyncio.Task[None]] = {}
 
@@ -66,14 +66,16 @@ class Ledger:
         raise StoreUnavailable("the user's state could not be loaded into Redis")
 
     async def call(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-        """One script call through the circuit breaker."""
-        self.breaker.check()
+        """One script call through the circuit breaker of the Redis (or cluster master) that
+        holds the keys."""
+        breaker = self.breakers.for_key(keys[0])
+        breaker.check()
         try:
             result = await self.pipeline.call(script, keys, args)
         except STORE_ERRORS:
-            self.breaker.failed()
+            breaker.failed()
             raise
-        self.breaker.succeeded()
+        breaker.succeeded()
         return result
 
     async def ensure_loaded(self, user: UserKeys) -> None:
@@ -87,15 +89,18 @@ class Ledger:
         await asyncio.shield(task)
 
     async def _load(self, user: UserKeys) -> None:
+        # The period by Redis' clock, which the scripts roll it by: at a period's end a load
+        # must not seed the one that has just ended.
+        now = await redis_now(self.redis)
         async with self.engine.connect() as conn:
-            account = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
+            account = await load_account(conn, user.user_id, self.plans, now)
         if not await self.call(SCRIPTS["seed"], [user.state], account.script_args()):
             return
         metrics.COLD_LOADS.inc()
         # A plan change committed while we read found no state to update and was not applied:
         # read once more and apply what changed since.
         async with self.engine.connect() as conn:
-            fresh = await load_account(conn, user.user_id, self.plans, datetime.now(UTC))
+            fresh = await load_account(conn, user.user_id, self.plans, now)
         if fresh.plan_args() != account.plan_args():
             await self.call(SCRIPTS["apply_plan"], [user.state], fresh.script_args())
 

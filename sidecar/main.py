@@ -1,14 +1,11 @@
 """`quota-sidecar`: checks the settings and serves the sidecar with uvicorn."""
 
 import os
-import sys
 from pathlib import Path
-from typing import Any
-
-import uvicorn
 
 from quota_common import logs
 from quota_common import settings as settings_module
+from quota_common.serving import serve
 from sidecar.app import create_app
 
 # Idle keep-alive connections are kept longer than clients keep theirs (httpx: 5 s), so a
@@ -40,20 +37,14 @@ def main() -> None:
     try:
         settings = settings_module.load()
         check_paths(settings)
+        sock = (
+            None
+            if settings.sidecar_uds
+            else settings_module.listening_socket(
+                "SIDECAR_HOST", settings.sidecar_host, "SIDECAR_PORT", settings.sidecar_port
+            )
+        )
     except settings_module.SettingsError as error:
-        sys.exit(f"quota-sidecar: {error}")
+        settings_module.exit_bad_setting("quota-sidecar", error)
     logs.setup(settings.log_level)
-    where: dict[str, Any] = (
-        {"uds": settings.sidecar_uds}
-        if settings.sidecar_uds
-        else {"host": settings.sidecar_host, "port": settings.sidecar_port}
-    )
-    uvicorn.run(
-        create_app(settings),
-        **where,
-        log_config=None,
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-        timeout_keep_alive=KEEP_ALIVE_S,
-    )
+    serve(create_app(settings), sock, settings.sidecar_uds, KEEP_ALIVE_S)

@@ -25,6 +25,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from quota_common.scripts import AnyRedis, LuaScript
+from sidecar.outage import master_of
 
 
 @dataclass(slots=True)
@@ -161,7 +162,13 @@ class ScriptPipeline:
             return
         if isinstance(self.redis, RedisCluster):
             calls, self.pending = self.pending, []
-            self.running_loop().create_task(self.over_cluster(calls))
+            # One pipeline per master, each under its own deadline: a hung master fails its
+            # own calls only.
+            by_master: dict[str, list[ScriptCall]] = {}
+            for call in calls:
+                by_master.setdefault(master_of(self.redis, call.keys[0]), []).append(call)
+            for group in by_master.values():
+                self.running_loop().create_task(self.over_cluster(group))
         elif self.link is not None and self.link.alive:
             calls, self.pending = self.pending, []
             self.link.send(calls)

@@ -7,6 +7,10 @@ two workers never send it at the same time; a failed attempt waits
 min(backoff * (2^attempts - 1), backoff_max * attempts) after triggered_at before the next.
 Every attempt sends the same `id`, so a receiver can drop a repeat (a crash after the POST and
 before the commit of delivered_at sends it again).
+
+After ALERT_WEBHOOK_ATTEMPTS_MAX failed attempts an alert is given up: never sent again, its row
+left with delivered_at null. That loss is logged (error, with the alert's id) and counted
+(quota_sync_alerts_total{outcome="given_up"}); setting `attempts` back to 0 sends it again.
 """
 
 import asyncio
@@ -45,6 +49,7 @@ UPDATE usage_alerts
 SET attempts = attempts + 1,
     delivered_at = CASE WHEN id = ANY(%(delivered)s::bigint[]) THEN now() END
 WHERE id = ANY(%(ids)s::bigint[])
+RETURNING id, user_id, threshold, attempts
 """
 
 
@@ -130,9 +135,14 @@ class AlertSender:
                     return 0
                 results = await asyncio.gather(*(self._post(row) for row in rows))
                 delivered = [row[0] for row, ok in zip(rows, results, strict=True) if ok]
-                await conn.execute(
+                marked = await conn.execute(
                     MARK_ATTEMPTS, {"ids": [row[0] for row in rows], "delivered": delivered}
                 )
+                given_up = [
+                    row
+                    for row in await marked.fetchall()
+                    if row[0] not in delivered and row[3] >= self.params["attempts_max"]
+                ]
         except psycopg.Error:
             await conn.close()
             self._conn = None
@@ -140,6 +150,18 @@ class AlertSender:
         metrics.ALERTS.labels("delivered").inc(len(delivered))
         if len(delivered) < len(rows):
             metrics.ALERTS.labels("failed").inc(len(rows) - len(delivered))
+        for alert_id, user_id, threshold, attempts in given_up:
+            log.error(
+                "alert given up: never delivered",
+                extra={
+                    "id": alert_id,
+                    "user_id": user_id,
+                    "threshold": threshold,
+                    "attempts": attempts,
+                },
+            )
+        if given_up:
+            metrics.ALERTS.labels("given_up").inc(len(given_up))
         return len(delivered)
 
     async def close(self) -> None:

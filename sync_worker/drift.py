@@ -1,6 +1,8 @@
 """Drift between Redis and Postgres: after Redis restarted from an older snapshot, a user's
 `used` can be below what Postgres already recorded for the period. The worker raises it back
-(lua/raise_used.lua) and reports how far apart the two were.
+(lua/raise_used.lua) and reports how far apart the two were, in both directions: Redis above
+Postgres (a charge counted twice, a reset Redis lost) is measured and logged, never lowered,
+since Redis may hold charges Postgres cannot tell apart from a double count.
 
 Postgres is only a valid floor for a bucket whose stream is fully processed: the worker reads
 each stream's last id first, then the totals, and the script refuses the raise if anything was
@@ -67,7 +69,8 @@ class DriftRepair:
         return caught_up
 
     async def run_once(self) -> int:
-        """One pass; returns the tokens Redis was below Postgres (and was raised by)."""
+        """One pass; returns the tokens Redis was below Postgres (and was raised by). Totals
+        of 0 count too: a reset user whose Redis `used` is above 0 has drifted."""
         caught_up = await self.caught_up_streams()
         since = datetime.now(UTC) - timedelta(seconds=self.window_s)
         async with self.engine.connect() as conn:
@@ -78,30 +81,43 @@ class DriftRepair:
                         usage_totals.c.period_start,
                         usage_totals.c.tokens_charged,
                     )
-                    .where(usage_totals.c.updated_at >= since, usage_totals.c.tokens_charged > 0)
+                    .where(usage_totals.c.updated_at >= since)
                     .order_by(usage_totals.c.updated_at.desc())
                     .limit(DRIFT_USERS_MAX)
                 )
             ).all()
-        raised = 0
+        raised = above = above_users = 0
         for user_id, period_start, tokens in rows:
             bucket = keys.bucket_of(user_id)
             last_id = caught_up.get(bucket)
             if last_id is None:
                 continue
             user = keys.user_keys(user_id)
-            code, tokens_raised = await SCRIPTS["raise_used"](
+            code, used = await SCRIPTS["raise_used"](
                 self.redis,
                 [user.state, user.stream],
                 [int(period_start.timestamp()), int(tokens), last_id, keys.SETTLE_GROUP],
             )
-            if code == RaiseResult.OK and tokens_raised:
+            if code != RaiseResult.OK:
+                continue
+            difference = int(used) - int(tokens)
+            if difference < 0:
                 log.warning(
                     "redis usage raised to postgres",
-                    extra={"user_id": user_id, "tokens": int(tokens_raised)},
+                    extra={"user_id": user_id, "tokens": -difference},
                 )
-                raised += int(tokens_raised)
-        metrics.DRIFT.set(raised)
+                raised -= difference
+            elif difference > 0:
+                above += difference
+                above_users += 1
+        if above:
+            # One line per pass: the same users stay above until their period ends.
+            log.warning(
+                "redis usage above postgres, left alone",
+                extra={"users": above_users, "tokens": above},
+            )
+        metrics.DRIFT.labels("below").set(raised)
+        metrics.DRIFT.labels("above").set(above)
         if raised:
             metrics.DRIFT_RAISED.inc(raised)
         return raised

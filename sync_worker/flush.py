@@ -6,13 +6,17 @@ reservation_id), and only rows it really inserted or changed (RETURNING inside t
 statement) add to the totals. A redelivered entry therefore changes nothing, however often it
 comes back, and a crash before the commit leaves nothing behind.
 
-Hot path: binary COPY of the batch into a temporary table, then one INSERT ... ON CONFLICT for
+Resets: every event carries its stream position, and a period's total records the position of
+its last reset; only events after it count, so a settlement from before a reset that reaches
+Postgres late (a second worker, a worker killed and its entries claimed) never undoes it.
+
+Hot path: text COPY of the batch into a temporary table, then one INSERT ... ON CONFLICT for
 the events and the totals together (see docs/sync-worker.md for the numbers).
 """
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import psycopg
@@ -37,26 +41,32 @@ CREATE TEMPORARY TABLE IF NOT EXISTS sync_settled (
     late boolean NOT NULL,
     metadata text NOT NULL,
     settled_ms bigint NOT NULL,
-    period_s bigint NOT NULL
+    period_s bigint NOT NULL,
+    entry_id text NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 # Text COPY: the entries' values are already the text Postgres parses ("1"/"0" is a boolean),
 # so a row is one join of bytes, no Python conversion per value.
 COPY_STAGE = (
     "COPY sync_settled (user_id, reservation_id, status, tokens_reserved, tokens_charged, late,"
-    " metadata, settled_ms, period_s) FROM STDIN"
+    " metadata, settled_ms, period_s, entry_id) FROM STDIN"
 )
 
 # A late commit replaces the `expired` row of its reservation; a committed row never changes.
-# Totals add what the events statement really changed, except for (user, period) pairs that a
-# reset in this batch recomputes below.
+# Totals add what the events statement really changed, and after a reset of the period only
+# what was settled after it (stream position), whenever and by whichever worker it is written.
+# The reset position is read with the statement's snapshot, from the totals that have one (a
+# partial index, as small as resets are rare). A reset committed meanwhile by another worker
+# or the operator endpoint shows in the row this statement updates (`t`): the addition is then
+# taken again from the changed rows, against that newer position.
 WRITE_EVENTS = """
 WITH changed AS (
     INSERT INTO usage_events AS e (user_id, reservation_id, status, tokens_reserved,
-        tokens_charged, late, metadata, period_start, settled_at)
+        tokens_charged, late, metadata, period_start, settled_at, stream_position)
     SELECT user_id, reservation_id, status, tokens_reserved, tokens_charged, late,
         CASE WHEN metadata = '' THEN '{}'::jsonb ELSE metadata::jsonb END,
-        to_timestamp(period_s), timestamptz 'epoch' + settled_ms * interval '1 millisecond'
+        to_timestamp(period_s), timestamptz 'epoch' + settled_ms * interval '1 millisecond',
+        stream_entry_position(entry_id)
     FROM sync_settled
     ORDER BY user_id, reservation_id
     ON CONFLICT (user_id, reservation_id) DO UPDATE SET
@@ -66,46 +76,60 @@ WITH changed AS (
         metadata = excluded.metadata,
         period_start = excluded.period_start,
         settled_at = excluded.settled_at,
+        stream_position = excluded.stream_position,
         recorded_at = now()
     WHERE e.status <> 'committed' AND excluded.status = 'committed'
-    RETURNING e.user_id, e.period_start, e.tokens_charged
+    RETURNING e.user_id, e.period_start, e.tokens_charged, e.stream_position
 ), added AS (
-    INSERT INTO usage_totals AS t (user_id, period_start, tokens_charged)
-    SELECT user_id, period_start, sum(tokens_charged)
-    FROM changed
-    WHERE tokens_charged > 0
-      AND (user_id, extract(epoch FROM period_start)::bigint) NOT IN (
-          SELECT * FROM unnest(%(reset_users)s::text[], %(reset_periods)s::bigint[]))
-    GROUP BY user_id, period_start
-    ORDER BY user_id, period_start
+    INSERT INTO usage_totals AS t (user_id, period_start, tokens_charged, reset_position)
+    SELECT c.user_id, c.period_start, sum(c.tokens_charged), r.reset_position
+    FROM changed c
+    LEFT JOIN usage_totals r ON r.user_id = c.user_id AND r.period_start = c.period_start
+        AND r.reset_position IS NOT NULL
+    WHERE c.tokens_charged > 0 AND c.stream_position > coalesce(r.reset_position, -1)
+    GROUP BY c.user_id, c.period_start, r.reset_position
+    ORDER BY c.user_id, c.period_start
     ON CONFLICT (user_id, period_start) DO UPDATE SET
-        tokens_charged = t.tokens_charged + excluded.tokens_charged,
+        tokens_charged = t.tokens_charged + CASE
+            WHEN t.reset_position IS NOT DISTINCT FROM excluded.reset_position
+                THEN excluded.tokens_charged
+            ELSE (SELECT coalesce(sum(n.tokens_charged), 0) FROM changed n
+                WHERE n.user_id = t.user_id AND n.period_start = t.period_start
+                  AND n.stream_position > t.reset_position)
+        END,
         updated_at = now()
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM added)
 """
 
-# A reset makes the period's total the charges settled after it: recomputed from the events,
-# so the same reset applied again (redelivery, a second worker) gives the same total. The
-# row lock first, so a concurrent worker's addition either lands in the sum or after it.
+# A reset makes the period's total the charges settled after it in stream order, recomputed
+# from the events, and records its position so that no later write adds an earlier event. The
+# same reset applied again (redelivery, a second worker) gives the same total; an older one
+# (a reset redelivered after a newer one was recorded) changes nothing. The row exists and is
+# locked before the sum is read, so a concurrent worker's addition lands either in the sum or
+# after it (then against this position).
+ENSURE_TOTAL = """
+INSERT INTO usage_totals (user_id, period_start, tokens_charged)
+VALUES (%(user_id)s, to_timestamp(%(period_s)s), 0)
+ON CONFLICT (user_id, period_start) DO NOTHING
+"""
 LOCK_TOTAL = """
 SELECT 1 FROM usage_totals
 WHERE user_id = %(user_id)s AND period_start = to_timestamp(%(period_s)s)
 FOR UPDATE
 """
-RECOMPUTE_TOTAL = """
-INSERT INTO usage_totals AS t (user_id, period_start, tokens_charged)
-SELECT %(user_id)s::text, to_timestamp(%(period_s)s), coalesce(sum(tokens_charged), 0)
-FROM usage_events
-WHERE user_id = %(user_id)s::text
-  AND period_start = to_timestamp(%(period_s)s)
-  AND status = 'committed'
-  AND settled_at >= timestamptz 'epoch' + %(reset_ms)s * interval '1 millisecond'
-  AND reservation_id <> ALL(%(before)s::text[])
-ON CONFLICT (user_id, period_start) DO UPDATE SET
-    tokens_charged = excluded.tokens_charged,
+RESET_TOTAL = """
+UPDATE usage_totals AS t SET
+    tokens_charged = (
+        SELECT coalesce(sum(e.tokens_charged), 0) FROM usage_events e
+        WHERE e.user_id = t.user_id AND e.period_start = t.period_start
+          AND e.status = 'committed'
+          AND e.stream_position > stream_entry_position(%(entry_id)s)),
+    reset_position = stream_entry_position(%(entry_id)s),
     updated_at = now()
+WHERE t.user_id = %(user_id)s AND t.period_start = to_timestamp(%(period_s)s)
+  AND coalesce(t.reset_position, -1) <= stream_entry_position(%(entry_id)s)
 """
 
 INSERT_ALERTS = """
@@ -124,13 +148,12 @@ RETURNING id
 class Reset:
     user_id: str
     period_s: int
-    reset_ms: int
-    # Reservations of this user and period whose last entry in the batch came before the
-    # reset: they count for the old total, even when settled in the reset's millisecond.
-    before: set[str] = field(default_factory=set)
+    # The reset's own stream entry id: its position among the user's settlements.
+    entry_id: str
 
 
-# One settlement: the values of SETTLEMENT_FIELDS in order (k, u, r, tr, tc, l, md, t, ps).
+# One settlement: the values of SETTLEMENT_FIELDS in order (k, u, r, tr, tc, l, md, t, ps),
+# then the stream entry id.
 Row = list[bytes]
 
 
@@ -164,6 +187,7 @@ def build_batch(entries: list[Entry]) -> Batch:
             if f[0::2] != SETTLEMENT_FIELDS:
                 named = _named(f)
                 row = [named.get(name, b"") for name in SETTLEMENT_FIELDS]
+            row.append(entry[1])
             key = (row[1], row[2])
             previous = rows.get(key)
             if previous is not None:
@@ -172,10 +196,6 @@ def build_batch(entries: list[Entry]) -> Batch:
                 # The late commit replaces the expiry but keeps the tokens that were held.
                 row[3] = previous[3]
             rows[key] = row
-            if resets:
-                reset = resets.get((row[1].decode(), int(row[8])))
-                if reset is not None:
-                    reset.before.discard(row[2].decode())
         elif kind == b"alert":
             a = _named(f)
             alerts.append(
@@ -192,23 +212,18 @@ def build_batch(entries: list[Entry]) -> Batch:
         elif kind == b"reset":
             r = _named(f)
             user_id, period_s = r[b"u"].decode(), int(r[b"ps"])
-            # Everything of this user and period seen so far in the batch precedes the reset;
-            # a later reset of the same period supersedes an earlier one.
-            before = {
-                rid.decode()
-                for (user, rid), row in rows.items()
-                if user == r[b"u"] and int(row[8]) == period_s
-            }
-            resets[(user_id, period_s)] = Reset(user_id, period_s, int(r[b"t"]), before)
+            # A later reset of the same period supersedes an earlier one.
+            resets[(user_id, period_s)] = Reset(user_id, period_s, entry[1].decode())
         else:
             log.error("unknown settle entry skipped", extra={"entry": entry[1].decode()})
     return Batch(rows, alerts, resets, {k.decode(): n for k, n in kinds.items()})
 
 
 def copy_text(rows: Iterable[Row]) -> bytes:
-    """The rows in COPY text format, in stage column order (u, r, k, tr, tc, l, md, t, ps)."""
+    """The rows in COPY text format, in stage column order (u, r, k, tr, tc, l, md, t, ps,
+    entry id)."""
     lines = []
-    for k, u, r, tr, tc, late, md, t, ps in rows:
+    for k, u, r, tr, tc, late, md, t, ps, entry_id in rows:
         if md and (b"\\" in md or b"\n" in md or b"\t" in md or b"\r" in md):
             md = (
                 md.replace(b"\\", b"\\\\")
@@ -216,7 +231,7 @@ def copy_text(rows: Iterable[Row]) -> bytes:
                 .replace(b"\t", b"\\t")
                 .replace(b"\r", b"\\r")
             )
-        lines.append(b"\t".join((u, r, k, tr, tc, late, md, t, ps)))
+        lines.append(b"\t".join((u, r, k, tr, tc, late, md, t, ps, entry_id)))
     lines.append(b"")
     return b"\n".join(lines)
 
@@ -259,6 +274,11 @@ class Flusher:
             await self._conn.close()
             self._conn = None
 
+    async def ping(self) -> None:
+        conn = await self.connection()
+        await conn.execute("SELECT 1")
+        await conn.rollback()
+
     async def reset_connection(self) -> None:
         """After an error the connection may be mid-transaction or dead: start afresh."""
         if self._conn is not None:
@@ -275,24 +295,18 @@ class Flusher:
             if batch.rows:
                 async with cur.copy(COPY_STAGE) as copy:
                     await copy.write(copy_text(batch.rows.values()))
-                resets = sorted(batch.resets)
-                await cur.execute(
-                    WRITE_EVENTS,
-                    {
-                        "reset_users": [user for user, _ in resets],
-                        "reset_periods": [period for _, period in resets],
-                    },
-                )
+                await cur.execute(WRITE_EVENTS)
+            # After the events of the batch, so the recomputation sees those after the reset.
             for key in sorted(batch.resets):
                 reset = batch.resets[key]
                 params = {
                     "user_id": reset.user_id,
                     "period_s": reset.period_s,
-                    "reset_ms": reset.reset_ms,
-                    "before": sorted(reset.before),
+                    "entry_id": reset.entry_id,
                 }
+                await cur.execute(ENSURE_TOTAL, params)
                 await cur.execute(LOCK_TOTAL, params)
-                await cur.execute(RECOMPUTE_TOTAL, params)
+                await cur.execute(RESET_TOTAL, params)
             recorded = 0
             if batch.alerts:
                 columns = list(zip(*batch.alerts, strict=True))

@@ -1,12 +1,15 @@
 """`quota-sync-worker`: checks the settings and runs the worker until SIGTERM or SIGINT.
 
-The first signal lets the batch in hand finish (written and acknowledged); a second one stops
-at once (that batch stays pending in Redis and another worker, or the next start, takes it).
+The first signal lets the batch in hand finish (written and acknowledged) and stops at once when
+there is none, also while the worker is still starting; a second one stops at once (that batch
+stays pending in Redis and another worker, or the next start, takes it). Exit status 0 after
+the first, 1 after the second.
 """
 
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 import uvloop
@@ -18,8 +21,8 @@ from sync_worker.worker import Worker
 log = logging.getLogger("sync_worker")
 
 
-async def serve(settings: settings_module.Settings) -> None:
-    worker = Worker(settings)
+async def serve(settings: settings_module.Settings, sock: socket.socket) -> None:
+    worker = Worker(settings, sock=sock)
     main_task = asyncio.current_task()
     signals = 0
 
@@ -43,13 +46,17 @@ def main() -> None:
     try:
         settings = settings_module.load()
         settings_module.require_sync_worker(settings)
+        sock = settings_module.listening_socket(
+            "SYNC_WORKER_HOST",
+            settings.sync_worker_host,
+            "SYNC_WORKER_PORT",
+            settings.sync_worker_port,
+        )
     except settings_module.SettingsError as error:
-        # One line naming the bad setting, status 2 (quota_common.settings).
-        print(f"quota-sync-worker: {error}", file=sys.stderr)
-        sys.exit(2)
+        settings_module.exit_bad_setting("quota-sync-worker", error)
     logs.setup(settings.log_level)
     try:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, sock))
     except asyncio.CancelledError:
         sys.exit(1)
     except OSError as error:

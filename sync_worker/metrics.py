@@ -3,6 +3,7 @@ sidecar's) and the small HTTP server that serves them with /healthz."""
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +40,8 @@ BACKLOG = Gauge(
 )
 LAST_SUCCESS = Gauge(
     "quota_sync_last_success_timestamp_seconds",
-    "Unix time of the last batch committed to Postgres (or the last empty poll).",
+    "Unix time of the last batch committed to Postgres, or of the last idle check that"
+    " Postgres answered (once a second while the streams are empty).",
 )
 CLAIMED = Counter(
     "quota_sync_claimed_entries_total",
@@ -53,7 +55,9 @@ PLANS_APPLIED = Counter(
 )
 DRIFT = Gauge(
     "quota_sync_drift_tokens",
-    "Tokens by which Redis `used` was below Postgres in the last drift pass (then raised).",
+    "Tokens by which Redis `used` differed from Postgres in the last drift pass, summed over"
+    " users, by direction: below (then raised to Postgres) or above (left alone, never lowered).",
+    ["direction"],
 )
 DRIFT_RAISED = Counter(
     "quota_sync_drift_raised_tokens_total",
@@ -61,7 +65,8 @@ DRIFT_RAISED = Counter(
 )
 ALERTS = Counter(
     "quota_sync_alerts_total",
-    "Usage alerts by outcome (recorded, delivered, failed).",
+    "Usage alerts by outcome: recorded, delivered, failed (an attempt; retried), given_up"
+    " (ALERT_WEBHOOK_ATTEMPTS_MAX attempts failed: never sent).",
     ["outcome"],
 )
 
@@ -74,14 +79,21 @@ class MetricsServer:
     """GET /metrics and GET /healthz on a plain asyncio server: two routes do not need a
     framework, and the worker stays one event loop without a second HTTP stack."""
 
-    def __init__(self, host: str, port: int, health: HealthFn) -> None:
+    def __init__(
+        self, host: str, port: int, health: HealthFn, sock: socket.socket | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.health = health
+        # Bound by quota-sync-worker before the worker starts (one line when it cannot be).
+        self.sock = sock
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        if self.sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=self.sock)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
         # Port 0 asks the OS for a free port: remember which one, for logs and tests.
         self.port = self._server.sockets[0].getsockname()[1]
 

@@ -22,6 +22,9 @@ from sync_worker.streams import Entry, ReadResult, SettleStreams
 
 log = logging.getLogger("sync_worker.settle")
 
+# How often an idle worker checks that Postgres answers.
+IDLE_CHECK_INTERVAL_S = 1.0
+
 
 @dataclass(slots=True)
 class Held:
@@ -52,6 +55,7 @@ class Settler:
         self._acking: asyncio.Task[None] | None = None
         self._ack_entries: list[Entry] = []
         self._next_claim = 0.0
+        self._next_idle_check = 0.0
 
     async def start(self) -> None:
         await self.streams.ensure_groups()
@@ -65,10 +69,11 @@ class Settler:
             if prefetch is not None:
                 self._held = await prefetch
             elif read:
-                self._held = await self._read()
+                self._held = await self.read()
             if self._held is None:
                 await self._finish_ack()
-                metrics.mark_success()
+                if read:
+                    await self._idle_check()
                 return 0
         held = self._held
         if not held.committed:
@@ -77,10 +82,10 @@ class Settler:
                 and self._prefetch is None
                 and len(held.entries) >= self.streams.batch_size // 2
             ):
-                self._prefetch = asyncio.create_task(self._read())
+                self._prefetch = asyncio.create_task(self.read())
             # On failure the read-ahead batch is kept for after this one (nothing is lost
             # either way: its entries stay pending in Redis until acknowledged).
-            await self._write(held)
+            await self.write(held)
             held.committed = True
         # The previous batch's acknowledgement ran while this one was written; this batch's
         # runs during the next write. Both only ever follow their own commit.
@@ -105,6 +110,20 @@ class Settler:
             await self.streams.ack(self._ack_entries)
             self._ack_entries = []
 
+    async def _idle_check(self) -> None:
+        """With nothing to write, Postgres is asked once a second whether it answers: only then
+        is the success timestamp moved, so an outage shows even when no usage is waiting."""
+        now = time.monotonic()
+        if now < self._next_idle_check:
+            return
+        try:
+            await self.flusher.ping()
+        except psycopg.Error:
+            await self.flusher.reset_connection()
+            raise
+        self._next_idle_check = now + IDLE_CHECK_INTERVAL_S
+        metrics.mark_success()
+
     @property
     def holding(self) -> bool:
         """Something read is not yet written and acknowledged."""
@@ -115,7 +134,7 @@ class Settler:
             or bool(self._ack_entries)
         )
 
-    async def _read(self) -> Held | None:
+    async def read(self) -> Held | None:
         entries: list[Entry] = []
         claimed = ReadResult()
         now = time.monotonic()
@@ -134,7 +153,7 @@ class Settler:
             entries.sort(key=lambda e: (e[0], _id_key(e[1])))
         return Held(entries, build_batch(entries))
 
-    async def _write(self, held: Held) -> None:
+    async def write(self, held: Held) -> None:
         started = time.perf_counter()
         try:
             recorded = await self.flusher.write(held.batch)

@@ -2,8 +2,10 @@
 companions, each a small loop around a `run_once()` that tests can call directly.
 
 Stopping: `stop()` (first SIGTERM) lets the settle loop finish and acknowledge the batch in
-hand, then returns; `force()` (second SIGTERM) cancels at once, leaving any batch pending in
-Redis for the next worker (nothing is lost: it was not acknowledged).
+hand, then returns; while starting, or with nothing in hand, it returns at once. A store that
+stays down keeps the batch from being written: after STOP_WRITE_GRACE_S of trying, the worker
+stops anyway and the batch stays pending in Redis for the next worker (nothing is lost: it was
+not acknowledged). A second SIGTERM cancels the worker at once (sync_worker.main).
 """
 
 import asyncio
@@ -14,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -44,6 +46,8 @@ GC_THRESHOLD_OBJECTS = 100_000
 CONSUMER_IDLE_FORGET_MS = 3_600_000
 CONSUMER_SWEEP_INTERVAL_S = 300.0
 ALERT_TICK_S = 1.0
+# After the first SIGTERM, how long a batch whose store is down is tried before giving up.
+STOP_WRITE_GRACE_S = 10.0
 
 
 def tune_gc() -> None:
@@ -72,6 +76,7 @@ class Worker:
         settings: Settings,
         redis: AnyRedis | None = None,
         engine: AsyncEngine | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis or redis_client.connect(
@@ -105,18 +110,21 @@ class Worker:
         self.reaper = Reaper(self.redis)
         self.drift = DriftRepair(self.redis, self.engine, settings.sync_drift_window_s)
         self.server = metrics.MetricsServer(
-            settings.sync_worker_host, settings.sync_worker_port, self.health
+            settings.sync_worker_host, settings.sync_worker_port, self.health, sock
         )
         self.started = False
         self._stopping = asyncio.Event()
+        self._stop_deadline = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._settle_error: str | None = None
         self._backlog = 0
 
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy once started and while the last settle step reached both stores: a worker
+        that cannot write to Postgres (or read Redis) answers 503 "degraded"."""
         last = metrics.LAST_SUCCESS._value.get()
         status = "degraded" if self._settle_error else "ok"
-        return self.started, {
+        return self.started and not self._settle_error, {
             "status": status if self.started else "starting",
             "consumer": self.consumer,
             "backlog_entries": self._backlog,
@@ -124,13 +132,16 @@ class Worker:
             "error": self._settle_error,
         }
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
         """Ready to work: groups exist, scripts loaded, plan changes heard. The full plan pass
-        runs in the plans loop, so a large one never delays the settling of usage."""
+        runs in the plans loop, so a large one never delays the settling of usage. False when
+        asked to stop before that (a store down at start)."""
         tune_gc()
-        await self._retry("start", self._start_once)
+        if not await self._retry("start", self._start_once):
+            return False
         self.started = True
         log.info("sync worker started", extra={"consumer": self.consumer})
+        return True
 
     async def _start_once(self) -> None:
         await register_all(self.redis)
@@ -143,7 +154,13 @@ class Worker:
 
     async def run(self) -> None:
         await self.server.start()
-        await self.start()
+        try:
+            if await self.start():
+                await self._run_loops()
+        finally:
+            await self.close()
+
+    async def _run_loops(self) -> None:
         loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
             "plans": self._plans_loop,
             "reaper": self._every(self.settings.sync_reap_interval_ms / 1000, self.reaper.run_once),
@@ -159,10 +176,11 @@ class Worker:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.close()
 
     def stop(self) -> None:
-        self._stopping.set()
+        if not self._stopping.is_set():
+            self._stop_deadline = time.monotonic() + STOP_WRITE_GRACE_S
+            self._stopping.set()
 
     async def close(self) -> None:
         await self.server.close()
@@ -184,44 +202,64 @@ class Worker:
                 failures += 1
                 self._settle_error = f"{type(error).__name__}: {str(error)[:200]}"
                 log.warning("settle failed, batch kept", extra={"error": self._settle_error})
-                if self._stopping.is_set() and failures > 3:
-                    # Asked to stop and the stores are down: leave the batch pending in Redis.
+                backoff_s = min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures)
+                if not self._stopping.is_set():
+                    await self._pause(backoff_s)
+                elif time.monotonic() + backoff_s < self._stop_deadline:
+                    await asyncio.sleep(backoff_s)
+                else:
+                    log.warning("stopping with a batch unwritten: it stays pending in Redis")
                     return
-                await self._pause(min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures))
                 continue
             if written == 0:
                 await self._pause(self.settings.sync_poll_interval_ms / 1000)
 
     async def _pause(self, seconds: float) -> None:
+        """Waits, or less when asked to stop."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _retry(self, what: str, step: Callable[[], Awaitable[Any]]) -> None:
+    async def _retry(self, what: str, step: Callable[[], Coroutine[Any, Any, Any]]) -> bool:
+        """Runs `step` until it succeeds (True), backing off after failures. Asked to stop, it
+        gives up (False) and cancels the step in flight: only for steps that hold nothing to
+        finish (the settle loop has its own)."""
         failures = 0
-        while True:
-            try:
-                await step()
-                return
-            except Exception as error:
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        attempt: asyncio.Future[Any] | None = None
+        try:
+            while not self._stopping.is_set():
+                attempt = asyncio.ensure_future(step())
+                await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not attempt.done():
+                    return False
+                error = attempt.exception()
+                if error is None:
+                    return True
                 failures += 1
                 log.warning(f"{what} failed", extra={"error": repr(error)[:300]})
-                await asyncio.sleep(min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures))
+                await self._pause(min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures))
+            return False
+        finally:
+            stopping.cancel()
+            if attempt is not None and not attempt.done():
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
 
     def _every(
-        self, interval_s: float, step: Callable[[], Awaitable[Any]]
+        self, interval_s: float, step: Callable[[], Coroutine[Any, Any, Any]]
     ) -> Callable[[], Coroutine[Any, Any, None]]:
         async def loop() -> None:
             while True:
                 started = time.monotonic()
-                await self._retry(step.__qualname__, step)
-                await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+                if not await self._retry(step.__qualname__, step):
+                    return
+                await self._pause(max(0.0, interval_s - (time.monotonic() - started)))
 
         return loop
 
     async def _plans_loop(self) -> None:
         next_period_pass = time.monotonic() + self.settings.sync_plan_refresh_s
-        while True:
-            await self._retry("plans", self.plans.run_once)
+        while await self._retry("plans", self.plans.run_once):
             if time.monotonic() >= next_period_pass:
                 await self._retry("plans period end", self.plans.period_end_pass)
                 next_period_pass = time.monotonic() + self.settings.sync_plan_refresh_s
@@ -231,7 +269,8 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.alerts.wake.wait(), ALERT_TICK_S)
             self.alerts.wake.clear()
-            await self._retry("alerts", self.alerts.run_once)
+            if not await self._retry("alerts", self.alerts.run_once):
+                return
 
     async def _forget_consumers(self) -> None:
         await self.streams.forget_idle_consumers(

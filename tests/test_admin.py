@@ -1,17 +1,29 @@
-"""Operator endpoints (reset, credits): bearer ADMIN_TOKEN, an audit row each, effect at once,
-and both survive Redis losing everything (the state rebuilt from Postgres shows them)."""
+"""Operator endpoints (reset, credits): bearer ADMIN_TOKEN (unset: disabled), an audit row
+each, effect at once, also when Redis is in another period than Postgres or a plan push runs
+at the same time, and both survive Redis losing everything (the state rebuilt from Postgres
+shows them)."""
 
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from quota_common.schema import admin_audit, credit_grants, usage_totals
+from quota_common import settings as settings_module
+from quota_common.keys import user_keys
+from quota_common.periods import rfc3339
+from quota_common.plans import catalogue
+from quota_common.schema import admin_audit, credit_grants, subscriptions, usage_totals
+from sync_worker.plans import PlanSync
 from tests.api import commit, reserve, usage
 from tests.books import seed_used, snapshot
+from tests.conftest import start_sidecar
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
@@ -131,3 +143,105 @@ async def test_admin_bad_body_is_422_and_writes_nothing(
 async def test_admin_bad_user_id_is_422(http: httpx.AsyncClient) -> None:
     status, answer = await admin(http, "a%20b", "reset", reason="x")
     assert status == 422 and answer["error"]["code"] == "validation_error"
+
+
+@pytest.fixture(scope="module")
+def sidecar_without_admin_token(base_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
+    env = {name: value for name, value in base_env.items() if name != "ADMIN_TOKEN"}
+    process, url = start_sidecar(env, logs_dir)
+    yield url
+    process.stop()
+
+
+async def test_admin_endpoints_are_disabled_without_admin_token(
+    sidecar_without_admin_token: str, redis: Redis, pg: AsyncEngine
+) -> None:
+    before = await snapshot(redis)
+    async with httpx.AsyncClient(base_url=sidecar_without_admin_token, timeout=10) as http:
+        for action, body in (("reset", {"reason": "x"}), ("credits", {"tokens": 5, "reason": "x"})):
+            for headers in ({}, ADMIN):
+                status, answer = await admin(http, "u1", action, headers, **body)
+                assert status == 404 and answer["error"]["code"] == "not_found"
+                assert "ADMIN_TOKEN" in answer["error"]["message"]
+    assert await snapshot(redis) == before
+    async with pg.connect() as conn:
+        assert (await conn.execute(select(admin_audit))).first() is None
+
+
+async def subscribe_pro(pg: AsyncEngine, user_id: str) -> datetime:
+    """A PRO subscription recorded in Postgres that no push has brought to Redis yet (no
+    worker runs here); returns its period start."""
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    async with pg.begin() as conn:
+        await conn.execute(
+            insert(subscriptions).values(
+                user_id=user_id,
+                plan="PRO",
+                status="active",
+                current_period_start=start,
+                current_period_end=start + timedelta(days=30),
+            )
+        )
+    return start
+
+
+async def test_credits_when_redis_is_in_another_period_apply_postgres_period(
+    http: httpx.AsyncClient, pg: AsyncEngine
+) -> None:
+    assert (await usage(http, "mover"))["plan"] == "FREE"  # in Redis: the calendar month
+    start = await subscribe_pro(pg, "mover")
+    status, body = await admin(http, "mover", "credits", tokens=5000, reason="sorry")
+    assert status == 200, body
+    # The truth, not a grant Redis silently ignored: PRO's period, its limit and the credits.
+    assert (body["plan"], body["credits"], body["limit"]) == ("PRO", 5000, 5_005_000)
+    assert body["period_start"] == rfc3339(start)
+    assert (await usage(http, "mover"))["credits"] == 5000
+    async with pg.connect() as conn:
+        grant_period = await conn.scalar(select(credit_grants.c.period_start))
+    assert grant_period == start
+
+
+async def test_reset_when_redis_is_in_another_period_resets_postgres_period(
+    http: httpx.AsyncClient, pg: AsyncEngine
+) -> None:
+    assert (await commit(http, "mover", "a", 3000))[0] == 200  # FREE month in Redis
+    start = await subscribe_pro(pg, "mover")
+    status, body = await admin(http, "mover", "reset", reason="r")
+    assert status == 200, body
+    assert (body["plan"], body["used"], body["period_start"]) == ("PRO", 0, rfc3339(start))
+    async with pg.connect() as conn:
+        row = (
+            await conn.execute(select(usage_totals).where(usage_totals.c.period_start == start))
+        ).one()
+    assert row.tokens_charged == 0 and row.reset_position is not None
+
+
+async def test_credits_granted_during_plan_pushes_are_never_taken_back(
+    http: httpx.AsyncClient, redis: Redis, pg: AsyncEngine, base_env: dict[str, str]
+) -> None:
+    """Pushes read the grants while operators add more: a push that read before a grant's
+    commit and lands after it must not set the credits back, not even for a moment."""
+    settings = settings_module.load(base_env)
+    plans = PlanSync(redis, pg, settings.database_url, catalogue(settings), 60)
+    assert (await usage(http, "busy"))["credits"] == 0
+    state = user_keys("busy").state
+    grants = asyncio.gather(
+        *(admin(http, "busy", "credits", tokens=10, reason=f"g{n}") for n in range(20))
+    )
+    seen: list[int] = []
+
+    async def push_meanwhile() -> None:
+        while not grants.done():
+            await plans.push_user("busy")
+
+    async def watch() -> None:
+        while not grants.done():
+            seen.append(int(await redis.hget(state, "credits") or 0))
+
+    await asyncio.gather(watch(), *(push_meanwhile() for _ in range(4)))
+    assert all(status == 200 for status, _ in await grants)
+    assert seen == sorted(seen), "a push took granted credits back"
+    async with pg.connect() as conn:
+        granted = await conn.scalar(select(func.sum(credit_grants.c.tokens)))
+    assert granted == 200
+    assert (await usage(http, "busy"))["credits"] == 200

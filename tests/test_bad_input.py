@@ -290,3 +290,26 @@ async def test_a_value_that_spells_a_field_name_is_no_repeated_key(http: httpx.A
     response = await http.post("/v1/reserve", content=body, headers=JSON)
     assert response.status_code == 200, response.text
     assert response.json()["granted"] == 3
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+        b"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"NOT-HTTP\r\n\r\n",
+    ],
+)
+async def test_a_request_httptools_cannot_parse_gets_a_json_400(
+    sidecar_url: str, request_bytes: bytes, before: dict[bytes, bytes | None]
+) -> None:
+    host, port = sidecar_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request_bytes)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert b"content-type: application/json" in head.lower()
+    assert orjson.loads(body)["error"]["code"] == "bad_request"

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.crc import key_slot
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
 from quota_common.schema import usage_events, usage_totals
+from sidecar.outage import Breakers
 from tests.api import commit, refund, reserve, usage
 from tests.conftest import REDIS_URL, start_sidecar
-from tests.servers import RedisCluster, eventually
+from tests.servers import RedisCluster, eventually, free_port
 from tests.sync.conftest import start_worker
+from tests.test_failure_modes import assert_within_bound, burst
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +109,6 @@ async def test_script_flush_everywhere_mid_run(
 ) -> None:
     assert (await reserve(http_any, "kate", 10))[0] == 200
     if store == REDIS_URL:
-        from redis.asyncio import Redis
-
         client = Redis.from_url(REDIS_URL)
         await client.script_flush()
         await client.aclose()
@@ -160,3 +164,153 @@ async def test_no_lost_usage(
         assert total == sum(charged)
     finally:
         worker.stop()
+
+
+def masters_of(cluster: RedisCluster, users: list[str]) -> dict[int, list[str]]:
+    """The users by the port of the master that holds their slot (CLUSTER NODES: address, then
+    from the ninth field on the master's slot ranges)."""
+    ranges: list[tuple[int, int, int]] = []
+    for line in cluster.cli(cluster.nodes[0], "cluster", "nodes").splitlines():
+        fields = line.split()
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for span in fields[8:]:
+            low, _, high = span.partition("-")
+            ranges.append((int(low), int(high or low), port))
+    by_port: dict[int, list[str]] = {}
+    for user in users:
+        slot = key_slot(user_keys(user).state.encode())
+        by_port.setdefault(next(p for lo, hi, p in ranges if lo <= slot <= hi), []).append(user)
+    return by_port
+
+
+async def test_redis_cluster_setting_with_a_plain_url(
+    cluster: RedisCluster, base_env: dict[str, str], logs_dir: Path
+) -> None:
+    """REDIS_CLUSTER=1 and an ordinary redis:// URL naming one node: the sidecar finds the
+    others and every master gets its users."""
+    for node in cluster.nodes:
+        cluster.cli(node, "flushall")
+    node = cluster.nodes[1]
+    process, url = start_sidecar(
+        base_env, logs_dir, REDIS_URL=f"redis://127.0.0.1:{node.port}/0", REDIS_CLUSTER="1"
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            users = [f"plain-{i}" for i in range(30)]
+            for user in users:
+                assert (await reserve(http, user, 10, reservation_id="p"))[0] == 200
+                status, body = await commit(http, user, "p", 4)
+                assert status == 200 and body["used"] == 4
+        sizes = [int(cluster.cli(each, "dbsize")) for each in cluster.nodes]
+        assert all(size > 0 for size in sizes), sizes
+        assert set(masters_of(cluster, users)) == {each.port for each in cluster.nodes}
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def sick_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private cluster for pausing a master. The healthy masters keep serving once the
+    cluster marks it failed (cluster-require-full-coverage no), as an operator would run it
+    for that."""
+    nodes = RedisCluster(tmp_path_factory.mktemp("sick-cluster")).start()
+    for node in nodes.nodes:
+        nodes.cli(node, "config", "set", "cluster-require-full-coverage", "no")
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def one_master_paused(
+    sick_cluster: RedisCluster, base_env: dict[str, str], logs_dir: Path
+) -> Iterator[tuple[str, list[str], list[str]]]:
+    """A sidecar on the cluster whose users all hold a reservation, then one master SIGSTOPped:
+    (sidecar URL, users on the paused master, users on the others)."""
+    process, url = start_sidecar(
+        base_env, logs_dir, REDIS_URL=sick_cluster.url, REDIS_TIMEOUT_MS="50"
+    )
+    users = [f"sick-{i}" for i in range(60)]
+    by_port = masters_of(sick_cluster, users)
+    sick = sick_cluster.nodes[0]
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for user in users:
+            body = {"user_id": user, "tokens": 10, "reservation_id": "warm"}
+            assert http.post("/v1/reserve", json=body).status_code == 200
+    sick.pause()
+    try:
+        healthy = [user for port, group in by_port.items() if port != sick.port for user in group]
+        yield url, by_port[sick.port], healthy
+    finally:
+        sick.resume()
+        process.stop()
+
+
+async def test_a_paused_master_answers_within_the_bound(
+    one_master_paused: tuple[str, list[str], list[str]],
+) -> None:
+    """Hundreds of reserves at once while one master hangs: every one answered in time, and
+    every user of the paused master refused with 503 store_unavailable (never a 500)."""
+    url, on_sick, on_healthy = one_master_paused
+    requests = [
+        ("/v1/reserve", {"user_id": user, "tokens": 1}) for user in (on_sick + on_healthy) * 3
+    ]
+    answers = await burst(url, requests)
+    assert_within_bound(answers)
+    for answer in answers:
+        if answer.body.get("user_id", "") in on_sick or answer.status != 200:
+            assert (answer.status, answer.body["error"]["code"]) == (503, "store_unavailable")
+
+
+async def test_users_of_healthy_masters_keep_being_served(
+    one_master_paused: tuple[str, list[str], list[str]],
+) -> None:
+    url, on_sick, on_healthy = one_master_paused
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for user in on_sick[:5]:
+            assert (await reserve(http, user, 1))[0] == 503
+        statuses = [(await reserve(http, user, 1))[0] for user in on_healthy]
+    assert set(statuses) == {200}
+
+
+async def test_a_cluster_unreachable_at_start_is_an_outage_not_a_crash(
+    base_env: dict[str, str], logs_dir: Path, tmp_path: Path
+) -> None:
+    """redis-py's cluster client reports "no node answers" with an exception that is no
+    RedisError: still the sidecar starts, refuses reserves with 503 and journals commits."""
+    process, url = start_sidecar(
+        base_env,
+        logs_dir,
+        REDIS_URL=f"redis+cluster://127.0.0.1:{free_port()}",
+        SIDECAR_JOURNAL_DIR=str(tmp_path / "journal"),
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            status, body = await reserve(http, "nobody", 1)
+            assert (status, body["error"]["code"]) == (503, "store_unavailable")
+            status, body = await commit(http, "nobody", "r1", 1)
+            assert status == 200 and body["degraded"] is True
+    finally:
+        process.stop()
+
+
+async def test_one_breaker_per_master(cluster: RedisCluster) -> None:
+    """The breakers the ledger is to use (sidecar.outage.Breakers): a master that keeps failing
+    opens its own breaker only; a single Redis has one breaker for everyone."""
+    client = AsyncRedisCluster.from_url(f"redis://127.0.0.1:{cluster.nodes[0].port}")
+    try:
+        await client.initialize()
+        users = [f"b-{i}" for i in range(30)]
+        by_port = masters_of(cluster, users)
+        assert len(by_port) == 3
+        breakers = Breakers(client)
+        first, *others = [group[0] for group in by_port.values()]
+        for _ in range(3):
+            breakers.for_key(user_keys(first).state).failed()
+        assert breakers.for_key(user_keys(first).state).open
+        assert not any(breakers.for_key(user_keys(user).state).open for user in others)
+        for group in by_port.values():  # the same master, the same breaker
+            assert len({id(breakers.for_key(user_keys(user).state)) for user in group}) == 1
+    finally:
+        await client.aclose()
+    single = Breakers(Redis.from_url(REDIS_URL))
+    assert single.for_key(user_keys("x").state) is single.for_key(user_keys("y").state)

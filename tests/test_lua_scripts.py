@@ -299,3 +299,20 @@ async def test_lua_calendar_months_match_python(redis: Redis) -> None:
     for second, answer in zip(seconds, answers, strict=True):
         start, end = calendar_month(datetime.fromtimestamp(second, UTC))
         assert answer.decode() == f"{int(start.timestamp())}-{int(end.timestamp())}", second
+
+
+async def test_a_state_expires_a_week_after_its_last_period_unless_renewed(redis: Redis) -> None:
+    """Redis keeps the users of the last weeks, not everyone ever seen: a seeded state expires
+    7 days after its period ends, and a call in a later period (its rollover) renews that."""
+    week_ms = 7 * 86_400_000
+    await seed(redis, "idle")
+    u = user_keys("idle")
+    _, pe = period()
+    assert await redis.pexpiretime(u.state) == pe * 1000 + week_ms
+    seconds = int((await redis.time())[0])
+    await redis.hset(u.state, mapping={"ps": seconds - 200_000, "pe": seconds - 100_000})
+    assert (await on_state(redis, "usage", u))[0] == Code.OK  # rolls into the current month
+    assert (
+        await redis.pexpiretime(u.state)
+        == int(await field_of(redis, u.state, "pe") or 0) * 1000 + week_ms
+    )

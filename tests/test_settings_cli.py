@@ -1,14 +1,25 @@
-"""Console scripts as operators run them: a bad setting is one line naming it (no traceback) and
-a non-zero exit; `quota-migrate` is safe to run twice."""
+"""Console scripts as operators run them: a bad setting, or an address a server cannot listen
+on, is one line naming the setting (no traceback) and exit status 2; `quota-migrate` is safe to
+run twice."""
 
 import os
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from quota_common import settings
-from tests.servers import BIN
+from tests.servers import BIN, free_port
+
+BAD_SETTING = 2
+# Secrets the billing API needs before it looks at anything else of its own.
+BILLING_SECRETS = {
+    "AUTH_SECRET": "a-secret-of-at-least-thirty-two-bytes!",
+    "STRIPE_API_KEY": "sk_test_x",
+    "STRIPE_WEBHOOK_SECRET": "whsec_x",
+}
 
 
 def run(
@@ -39,6 +50,12 @@ BAD = [
     ("ALERT_THRESHOLDS", "80,ninety"),
     ("REDIS_CLUSTER", "perhaps"),
     ("LOG_LEVEL", "LOUD"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/?db=two"),
+    ("REDIS_URL", "redis+cluster://127.0.0.1:7000/3"),
+    ("SIDECAR_HOST", "256.1.1.1"),
+    ("BILLING_HOST", "no-such-host.invalid"),
+    ("SYNC_WORKER_HOST", "[::1]"),
 ]
 
 
@@ -47,16 +64,71 @@ BAD = [
 PATHS = [("SIDECAR_JOURNAL_DIR", "/proc/no-such-dir"), ("SIDECAR_UDS", "/proc/no-such-dir/s.sock")]
 
 
-@pytest.mark.parametrize(("name", "value"), [BAD[0], BAD[2], BAD[3], BAD[8], *PATHS])
+@pytest.mark.parametrize(("name", "value"), [BAD[0], BAD[2], BAD[3], BAD[8], BAD[15], *PATHS])
 def test_bad_setting_stops_the_sidecar_with_one_line(
     base_env: dict[str, str], tmp_path: Path, name: str, value: str
 ) -> None:
-    done = run("quota-sidecar", {**base_env, name: value}, tmp_path)
-    assert done.returncode != 0
+    assert_one_line_naming(run("quota-sidecar", {**base_env, name: value}, tmp_path), name)
+
+
+def assert_one_line_naming(done: subprocess.CompletedProcess[str], name: str) -> None:
+    assert done.returncode == BAD_SETTING, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert name in lines[0] and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "value", "needs"),
+    [
+        ("quota-billing-api", "BILLING_HOST", "no-such-host.invalid", BILLING_SECRETS),
+        ("quota-sync-worker", "SYNC_WORKER_HOST", "256.0.0.1", {}),
+    ],
+)
+def test_every_process_exits_2_on_a_bad_setting(
+    base_env: dict[str, str],
+    tmp_path: Path,
+    script: str,
+    name: str,
+    value: str,
+    needs: dict[str, str],
+) -> None:
+    assert_one_line_naming(run(script, {**base_env, **needs, name: value}, tmp_path), name)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("script", "host", "port", "needs"),
+    [
+        ("quota-sidecar", "SIDECAR_HOST", "SIDECAR_PORT", {}),
+        ("quota-billing-api", "BILLING_HOST", "BILLING_PORT", BILLING_SECRETS),
+        ("quota-sync-worker", "SYNC_WORKER_HOST", "SYNC_WORKER_PORT", {}),
+    ],
+)
+def test_an_address_that_cannot_be_listened_on_is_one_line(
+    base_env: dict[str, str],
+    tmp_path: Path,
+    taken_port: int,
+    script: str,
+    host: str,
+    port: str,
+    needs: dict[str, str],
+) -> None:
+    """A port already taken, then an address that is not this machine's (TEST-NET-1)."""
+    env = {**base_env, **needs, host: "127.0.0.1", port: str(taken_port)}
+    done = run(script, env, tmp_path)
+    assert_one_line_naming(done, port)
+    assert "in use" in done.stderr
+    done = run(script, {**env, host: "192.0.2.1", port: str(free_port())}, tmp_path)
+    assert_one_line_naming(done, host)
 
 
 @pytest.mark.parametrize(("name", "value"), BAD)
@@ -94,3 +166,7 @@ def test_quota_migrate_bad_setting_is_one_line(tmp_path: Path) -> None:
     done = run("quota-migrate", {"DATABASE_URL": "nonsense"}, tmp_path)
     assert done.returncode != 0
     assert len(done.stderr.strip().splitlines()) == 1 and "DATABASE_URL" in done.stderr
+
+
+def test_quota_migrate_bad_setting_exits_2(tmp_path: Path) -> None:
+    assert run("quota-migrate", {"DATABASE_URL": "nonsense"}, tmp_path).returncode == BAD_SETTING

@@ -12,12 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 import stripe
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.billing.helpers import STRIPE_KEY, WEBHOOK_SECRET, Keys, start_billing
+from tests.billing.helpers import (
+    STRIPE_KEY,
+    Keys,
+    jwk_of,
+    send_webhooks,
+    silence_webhooks,
+    start_billing,
+)
 from tests.servers import free_port, wait_until
 
 LOCALSTRIPE = (
@@ -54,14 +60,6 @@ def localstripe_url(logs_dir: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def jwk_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
-    if isinstance(key, rsa.RSAPrivateKey):
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    else:
-        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    return {**jwk, "kid": kid, "use": "sig"}
 
 
 @pytest.fixture(scope="session")
@@ -107,16 +105,13 @@ def webhooks_in_progress(billing_url: str) -> float:
 
 @pytest.fixture(autouse=True)
 def stripe_webhooks(localstripe_url: str, billing_url: str) -> Iterator[None]:
-    """An empty localstripe whose events (signed, about a second after each change) reach the
-    billing API during this test only: events still pending at its end are dropped, and the
-    test ends once none is being handled, so none lands in the next test's table cleaning."""
+    """An empty localstripe whose events reach the billing API during this test only: events
+    still pending at its end are dropped, and the test ends once none is being handled, so
+    none lands in the next test's table cleaning."""
     assert httpx.delete(f"{localstripe_url}/_config/data").status_code == 200
-    target = {"url": f"{billing_url}/api/webhooks/stripe", "secret": WEBHOOK_SECRET}
-    registered = httpx.post(f"{localstripe_url}/_config/webhooks/billing", json=target)
-    assert registered.status_code == 200, registered.text
+    send_webhooks(localstripe_url, billing_url)
     yield
-    nowhere = {**target, "events": ["quota.tests.nothing"]}
-    assert httpx.post(f"{localstripe_url}/_config/webhooks/billing", json=nowhere).is_success
+    silence_webhooks(localstripe_url, billing_url)
     wait_until(lambda: webhooks_in_progress(billing_url) == 0, 10, "webhooks in progress")
 
 

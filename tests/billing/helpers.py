@@ -127,3 +127,37 @@ def start_billing(
         ready_url=f"{url}/health",
     ).start()
     return process, url
+
+
+def send_webhooks(localstripe_url: str, billing_url: str, events: list[str] | None = None) -> None:
+    """Where localstripe sends its events (signed, about a second after each change); with
+    `events`, only those types."""
+    target: dict[str, Any] = {"url": f"{billing_url}/api/webhooks/stripe", "secret": WEBHOOK_SECRET}
+    if events is not None:
+        target["events"] = events
+    registered = httpx.post(f"{localstripe_url}/_config/webhooks/billing", json=target)
+    assert registered.status_code == 200, registered.text
+
+
+def silence_webhooks(localstripe_url: str, billing_url: str) -> None:
+    """No more events from localstripe (for tests where our own retry must do the work)."""
+    send_webhooks(localstripe_url, billing_url, ["quota.tests.nothing"])
+
+
+def jwk_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
+    if isinstance(key, rsa.RSAPrivateKey):
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    else:
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    return {**jwk, "kid": kid, "use": "sig"}
+
+
+async def subscribe(billing: httpx.AsyncClient, user_id: str, plan: str = "PLUS") -> str:
+    """Subscribes the user with the card that works; the subscription id."""
+    reply = await billing.post(
+        "/api/subscribe",
+        json={"plan": plan, "payment_method": "pm_card_visa"},
+        headers=auth(user_id),
+    )
+    assert reply.status_code == 201, reply.text
+    return str(reply.json()["subscription"]["id"])

@@ -19,6 +19,9 @@ async def test_plans_need_no_auth(billing: httpx.AsyncClient) -> None:
     reply = await billing.get("/api/plans")
     assert reply.status_code == 200
     plans = reply.json()["plans"]
+    # Exactly DESIGN's shape, nothing more: prices are cents of STRIPE_CURRENCY.
+    assert set(reply.json()) == {"ok", "plans"}
+    assert all(set(plan) == {"price", "quota", "features"} for plan in plans.values())
     assert reply.json()["ok"] is True and list(plans) == ["FREE", "PLUS", "PRO"]
     assert plans["PLUS"]["price"] == 990 and plans["PLUS"]["quota"] == 1_000_000
     assert plans["PRO"]["price"] == 1990 and plans["PRO"]["quota"] == 5_000_000
@@ -46,6 +49,9 @@ async def test_bad_requests_are_4xx_json(billing: httpx.AsyncClient) -> None:
     headers = auth("http-1")
     cases: list[tuple[str, str, dict[str, Any], int, str]] = [
         ("GET", "/nowhere", {}, 404, "not_found"),
+        ("GET", "/api/plans/", {"headers": {"host": "evil.example"}}, 404, "not_found"),
+        ("POST", "/api/webhooks/stripe/", {"content": b"{}"}, 404, "not_found"),
+        ("POST", "/api/subscribe/", {"json": {"plan": "PLUS"}}, 404, "not_found"),
         ("GET", "/api/subscribe", {}, 405, "method_not_allowed"),
         (
             "POST",
@@ -118,6 +124,7 @@ async def test_bad_requests_are_4xx_json(billing: httpx.AsyncClient) -> None:
         )
         assert reply.status_code == status, (method, path, reply.text)
         assert reply.json()["error"]["code"] == code, (method, path, reply.text)
+        assert "location" not in reply.headers, (method, path)
 
 
 async def test_payments_newest_first_in_pages(billing: httpx.AsyncClient, pg: AsyncEngine) -> None:

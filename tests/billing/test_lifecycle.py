@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from quota_common.accounts import PLAN_CHANNEL
 from quota_common.schema import customers, stripe_events
 from tests.api import reserve, usage
-from tests.billing.helpers import auth
+from tests.billing.helpers import auth, subscribe
 from tests.servers import eventually
 
 
@@ -161,3 +161,40 @@ async def test_each_change_notifies_the_sync_worker(
         assert reply.status_code == 200, reply.text
         payloads = [n.payload async for n in listener.notifies(timeout=5, stop_after=2)]
     assert payloads == ["life-4", "life-4"]
+
+
+async def test_a_scheduled_cancellation_is_undone_by_choosing_a_plan(
+    billing: httpx.AsyncClient, http: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    user = "life-5"
+    headers = auth(user)
+    subscription_id = await subscribe(billing, user)
+
+    async def scheduled(expected: bool) -> None:
+        reply = await billing.get("/api/subscription", headers=headers)
+        assert reply.json()["subscription"]["cancel_at_period_end"] is expected
+        in_stripe = await stripe_client.v1.subscriptions.retrieve_async(subscription_id)
+        assert in_stripe.cancel_at_period_end is expected
+
+    reply = await billing.post("/api/cancel", json={"at_period_end": True}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    await scheduled(True)
+    # Subscribing again is refused, and says how to keep the subscription.
+    reply = await billing.post("/api/subscribe", json={"plan": "PLUS"}, headers=headers)
+    assert reply.status_code == 409 and "/api/change-plan" in reply.json()["error"]["message"]
+
+    # The current plan again keeps it.
+    reply = await billing.post("/api/change-plan", json={"plan": "PLUS"}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["subscription"]["cancel_at_period_end"] is False
+    await scheduled(False)
+
+    # An upgrade after a scheduled cancellation keeps the upgraded subscription too.
+    reply = await billing.post("/api/cancel", json={"at_period_end": True}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    reply = await billing.post("/api/change-plan", json={"plan": "PRO"}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    view = reply.json()["subscription"]
+    assert view["plan"] == "PRO" and view["cancel_at_period_end"] is False
+    await scheduled(False)
+    await sidecar_limit(http, user, 5_000_000)

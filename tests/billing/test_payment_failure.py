@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.schema import subscriptions
 from tests.api import usage
-from tests.billing.helpers import auth, send_event
+from tests.billing.helpers import STRIPE_KEY, auth, send_event
 from tests.servers import eventually
 
 
@@ -167,3 +167,52 @@ async def test_renewal_failure_keeps_the_plan_while_stripe_retries(
         return bool((await usage(http, user))["limit"] == 100_000)
 
     await eventually(free, 10, "customer.subscription.deleted")
+
+
+async def test_a_card_that_needs_3d_secure_can_subscribe_after_authenticating(
+    billing: httpx.AsyncClient,
+    http: httpx.AsyncClient,
+    stripe_client: stripe.StripeClient,
+    localstripe_url: str,
+) -> None:
+    """The first payment needs the card holder (3-D Secure): 402 with what Stripe.js needs to
+    finish it, the incomplete subscription kept, FREE until Stripe reports the payment."""
+    user = "pay-3ds"
+    headers = auth(user)
+    card = await stripe_client.v1.payment_methods.create_async(
+        {
+            "type": "card",
+            "card": {"number": "4000002500003155", "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        }
+    )
+    reply = await billing.post(
+        "/api/subscribe", json={"plan": "PRO", "payment_method": card.id}, headers=headers
+    )
+    assert reply.status_code == 402, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "payment_failed" and error["payment_status"] == "requires_action"
+    assert error["subscription_status"] == "incomplete"
+    client_secret = error["client_secret"]
+    assert client_secret.startswith("pi_") and "_secret_" in client_secret
+    assert (await usage(http, user))["limit"] == 100_000
+    payments = (await billing.get("/api/payments", headers=headers)).json()["payments"]
+    assert [(p["status"], p["plan"]) for p in payments] == [("pending", "PRO")]
+
+    # What Stripe.js does in the browser once the bank's page says yes (localstripe's hook).
+    intent_id = client_secret.split("_secret_")[0]
+    async with httpx.AsyncClient(base_url=localstripe_url, auth=(STRIPE_KEY, "")) as browser:
+        done = await browser.post(
+            f"/v1/payment_intents/{intent_id}/_authenticate",
+            params={"client_secret": client_secret, "success": "true"},
+        )
+    assert done.status_code == 200, done.text
+
+    async def paid() -> bool:
+        payments = (await billing.get("/api/payments", headers=headers)).json()["payments"]
+        return [(p["status"], p["plan"]) for p in payments] == [("succeeded", "PRO")]
+
+    await eventually(paid, 10, "invoice.payment_succeeded after authentication")
+    reply = await billing.get("/api/subscription", headers=headers)
+    subscription = reply.json()["subscription"]
+    assert subscription["plan"] == "PRO" and subscription["id"] == error["subscription_id"]
+    assert (await usage(http, user))["limit"] == 5_000_000

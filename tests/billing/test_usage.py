@@ -6,16 +6,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
-from quota_common.schema import usage_alerts, usage_events
+from quota_common.schema import subscriptions, usage_alerts, usage_events
 from tests.api import commit, reserve
 from tests.billing.helpers import auth
 
 
-async def test_a_new_user_has_free_usage(billing: httpx.AsyncClient) -> None:
+async def test_a_new_user_has_free_usage_and_nothing_is_seeded(
+    billing: httpx.AsyncClient, redis: Redis
+) -> None:
     reply = await billing.get("/api/usage", headers=auth("use-new"))
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -31,7 +35,10 @@ async def test_a_new_user_has_free_usage(billing: httpx.AsyncClient) -> None:
         "start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "end": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    assert body["alerts"] == [] and body["source"] == "live"
+    assert body["alerts"] == [] and body["source"] == "recorded"
+    # The sidecar seeds users itself (re-reading plan changes made meanwhile); a second seeder
+    # could put a plan that was just replaced into Redis.
+    assert not await redis.exists(user_keys("use-new").state)
 
 
 async def test_usage_shows_what_the_sidecar_holds_and_the_alerts_fired(
@@ -79,6 +86,7 @@ async def test_usage_shows_what_the_sidecar_holds_and_the_alerts_fired(
             ],
         )
     body = (await billing.get("/api/usage", headers=auth(user))).json()
+    assert body["source"] == "live"
     assert (body["used"], body["reserved"], body["remaining"]) == (84_000, 1_000, 15_000)
     assert [alert["threshold"] for alert in body["alerts"]] == [80]
 
@@ -151,6 +159,42 @@ async def test_history_defaults_to_the_current_period(
     assert body["to"] == (end - timedelta(days=1)).date().isoformat()
     assert len(body["days"]) == (end - start).days
     assert body["total_tokens"] == 42 and "groups" not in body
+
+
+async def test_the_default_history_counts_this_period_only(
+    billing: httpx.AsyncClient, pg: AsyncEngine
+) -> None:
+    """A paid period starting at noon shares its first day with the previous period: that
+    day's usage before noon belongs to the previous period and is not counted."""
+    user = "use-5"
+    start = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    start -= timedelta(days=2)
+    end, before = start + timedelta(days=30), start - timedelta(days=30)
+    previous = {**event(user, "old", 500, start - timedelta(hours=1)), "period_start": before}
+    first = {**event(user, "new", 70, start + timedelta(hours=1)), "period_start": start}
+    async with pg.begin() as conn:
+        await conn.execute(
+            insert(subscriptions).values(
+                user_id=user,
+                stripe_subscription_id="sub_use5",
+                plan="PLUS",
+                status="active",
+                current_period_start=start,
+                current_period_end=end,
+            )
+        )
+        await conn.execute(insert(usage_events), [previous, first])
+    body = (await billing.get("/api/usage/history", headers=auth(user))).json()
+    assert body["from"] == start.date().isoformat()
+    assert body["to"] == end.date().isoformat()
+    assert body["total_tokens"] == 70
+    assert body["days"][0] == {"date": start.date().isoformat(), "tokens": 70, "calls": 1}
+    # Explicit days are whole UTC days, whatever period the usage belonged to.
+    day = start.date().isoformat()
+    body = (
+        await billing.get("/api/usage/history", params={"from": day, "to": day}, headers=auth(user))
+    ).json()
+    assert body["total_tokens"] == 570
 
 
 async def test_bad_history_queries_are_422(billing: httpx.AsyncClient) -> None:

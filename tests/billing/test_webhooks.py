@@ -13,18 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.schema import stripe_events, subscriptions
 from tests.api import usage
-from tests.billing.helpers import auth, send_event, sign
+from tests.billing.helpers import auth, send_event, sign, subscribe
 
 
 async def subscribed(
     billing: httpx.AsyncClient, stripe_client: stripe.StripeClient, user: str, plan: str
 ) -> dict[str, Any]:
-    reply = await billing.post(
-        "/api/subscribe", json={"plan": plan, "payment_method": "pm_card_visa"}, headers=auth(user)
-    )
-    assert reply.status_code == 201, reply.text
-    found = await stripe_client.v1.subscriptions.retrieve_async(reply.json()["subscription"]["id"])
-    return found.to_dict()
+    subscription_id = await subscribe(billing, user, plan)
+    return (await stripe_client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
 async def stored(pg: AsyncEngine, *event_ids: str) -> int:
@@ -194,3 +190,106 @@ async def test_replayed_event_that_is_not_ours_says_replayed(billing: httpx.Asyn
     again = await send_event(billing, "customer.created", obj, "evt_not_ours")
     assert first.status_code == again.status_code == 200
     assert "replayed" not in first.json() and again.json()["replayed"] is True
+
+
+def signed_post(client: httpx.AsyncClient, event: dict[str, Any]) -> Any:
+    payload = json.dumps(event)
+    return client.post(
+        "/api/webhooks/stripe",
+        content=payload,
+        headers={"Content-Type": "application/json", "Stripe-Signature": sign(payload)},
+    )
+
+
+def event_with(**changes: Any) -> dict[str, Any]:
+    obj = {"id": "sub_odd", "object": "subscription", "customer": "cus_odd"}
+    event: dict[str, Any] = {
+        "id": "evt_odd",
+        "type": "customer.subscription.updated",
+        "created": int(time.time()),
+        "data": {"object": obj},
+    }
+    for key, value in changes.items():
+        if key.startswith("object_"):
+            obj[key.removeprefix("object_")] = value
+        else:
+            event[key] = value
+    return event
+
+
+@pytest.mark.parametrize(
+    ("changes", "status"),
+    [
+        ({"object_metadata": "x"}, 200),
+        ({"object_metadata": [1]}, 200),
+        ({"object_metadata": {"user_id": ["hook-odd"]}}, 200),
+        ({"object_customer": "cus_\x00odd"}, 200),
+        ({"object_customer": {"id": 5}}, 200),
+        ({"type": "customer.subscription.updated\x00"}, 422),
+        ({"type": "x" * 200}, 422),
+        ({"type": 7}, 422),
+        ({"id": "evt_\x00odd"}, 422),
+        ({"id": "e" * 300}, 422),
+        ({"object_id": "sub_\x00odd"}, 422),
+        ({"created": 10**30}, 422),
+        ({"created": -1}, 422),
+        ({"created": "1767225600"}, 422),
+        ({"created": True}, 422),
+    ],
+)
+async def test_signed_events_with_odd_fields_are_acknowledged_or_4xx(
+    billing: httpx.AsyncClient, pg: AsyncEngine, changes: dict[str, Any], status: int
+) -> None:
+    """Only Stripe can sign, but a malformed field must still never be a 5xx (a 5xx makes
+    Stripe retry it for days): acknowledged and ignored, or refused with a 422."""
+    reply = await signed_post(billing, event_with(**changes))
+    assert reply.status_code == status, reply.text
+    assert await stored(pg, "evt_odd") == (1 if status == 200 else 0)
+    if status == 200:
+        assert reply.json()["applied"] is False
+
+
+async def invoice_charge(stripe_client: stripe.StripeClient, subscription: dict[str, Any]) -> str:
+    invoice = await stripe_client.v1.invoices.retrieve_async(subscription["latest_invoice"])
+    # localstripe's invoices still name their PaymentIntent (API versions before 2025-03-31).
+    intent_id = str(invoice.to_dict()["payment_intent"])
+    intent = await stripe_client.v1.payment_intents.retrieve_async(intent_id)
+    charge = intent.to_dict()["latest_charge"]
+    return str(charge["id"] if isinstance(charge, dict) else charge)
+
+
+async def test_refunds_partial_then_full_show_in_the_payment_history(
+    billing: httpx.AsyncClient, stripe_client: stripe.StripeClient
+) -> None:
+    user = "hook-refund"
+    subscription = await subscribed(billing, stripe_client, user, "PLUS")
+    charge_id = await invoice_charge(stripe_client, subscription)
+
+    async def refund(cents: int) -> dict[str, Any]:
+        await stripe_client.v1.refunds.create_async({"charge": charge_id, "amount": cents})
+        charge = (await stripe_client.v1.charges.retrieve_async(charge_id)).to_dict()
+        # The event's copy lies: the handler must read Stripe's.
+        reply = await send_event(billing, "charge.refunded", {**charge, "amount_refunded": 1})
+        assert reply.status_code == 200 and reply.json()["applied"] is True, reply.text
+        [payment] = (await billing.get("/api/payments", headers=auth(user))).json()["payments"]
+        return dict(payment)
+
+    payment = await refund(300)
+    assert (payment["status"], payment["amount"], payment["amount_refunded"]) == (
+        "succeeded",
+        990,
+        300,
+    )
+    payment = await refund(690)
+    assert (payment["status"], payment["amount_refunded"]) == ("refunded", 990)
+
+    # Re-reading the paid invoice (any later invoice event) does not undo the refund.
+    invoice = await stripe_client.v1.invoices.retrieve_async(subscription["latest_invoice"])
+    reply = await send_event(billing, "invoice.payment_succeeded", invoice.to_dict())
+    assert reply.status_code == 200
+    [payment] = (await billing.get("/api/payments", headers=auth(user))).json()["payments"]
+    assert (payment["status"], payment["amount_refunded"], payment["plan"]) == (
+        "refunded",
+        990,
+        "PLUS",
+    )

@@ -1,7 +1,7 @@
 """Fixtures of the sync worker tests: the worker in-process (for `run_once()` tests) or as a
 real `quota-sync-worker` process (for fault tests), and polling helpers."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,38 @@ def start_worker(base_env: dict[str, str], logs_dir: Path, **env: str) -> Proces
 
 
 @pytest.fixture
-async def worker(base_env: dict[str, str]) -> AsyncIterator[Worker]:
-    """A worker in this process, started (groups, scripts, listener) but not looping."""
-    env = worker_env(base_env, SYNC_CLAIM_IDLE_MS="100")
-    instance = Worker(settings_module.load(env))
-    await instance.start()
-    yield instance
-    await instance.close()
+def processes() -> Iterator[list[Process]]:
+    """The processes a test starts, killed (kill -9) at its end, last started first."""
+    started: list[Process] = []
+    yield started
+    for process in reversed(started):
+        process.kill()
+
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def make_worker(base_env: dict[str, str]) -> AsyncIterator[MakeWorker]:
+    """Workers in this process, started (groups, scripts, listener) but not looping; each
+    its own consumer, as separate processes would be. Settings as keyword arguments."""
+    made: list[Worker] = []
+
+    async def make(**env: str) -> Worker:
+        instance = Worker(settings_module.load(worker_env(base_env, **env)))
+        await instance.start()
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        await instance.close()
+
+
+@pytest.fixture
+async def worker(make_worker: MakeWorker) -> Worker:
+    """A worker in this process that claims what others leave pending after 100 ms."""
+    return await make_worker(SYNC_CLAIM_IDLE_MS="100")
 
 
 async def drain(worker: Worker, rounds_max: int = 1000) -> int:

@@ -6,16 +6,20 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from quota_common import db
+from quota_common import db, keys
 from quota_common.migrate import create_database_if_missing, upgrade
-from tests.servers import free_port, wait_until
+from sync_worker.streams import STREAMS
+from tests.servers import Process, free_port, wait_until
 
 _ids = itertools.count()
 
@@ -201,3 +205,77 @@ class PrivatePostgres:
         if (self.data / "postmaster.pid").exists():
             self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def metric(url: str, prefix: str) -> float:
+    """The sum of one worker's samples whose name starts with `prefix`, from its /metrics."""
+    body = httpx.get(f"{url}/metrics", timeout=2).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(prefix)
+        and not line.startswith("#")
+        and "_created" not in line.split(" ", 1)[0]
+    )
+
+
+def events_written(url: str) -> float:
+    return metric(url, "quota_sync_events_total{")
+
+
+def worker_url(process: Process) -> str:
+    return f"http://127.0.0.1:{process.env['SYNC_WORKER_PORT']}"
+
+
+async def pending(redis: Redis) -> int:
+    """Entries read by some worker and not acknowledged yet, over all streams."""
+    pipe = redis.pipeline(transaction=False)
+    for stream in STREAMS:
+        pipe.xpending(stream, keys.SETTLE_GROUP)
+    return sum(int(answer["pending"]) for answer in await pipe.execute())
+
+
+async def backlog(redis: Redis) -> int:
+    """Entries in the streams: read or not, not yet acknowledged (acknowledged ones are
+    deleted)."""
+    pipe = redis.pipeline(transaction=False)
+    for stream in STREAMS:
+        pipe.xlen(stream)
+    return sum(int(n) for n in await pipe.execute())
+
+
+# Worker connections of this test database waiting for a lock (their batch in hand).
+BLOCKED_WORKERS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'quota-sync-worker'
+  AND wait_event_type = 'Lock'
+"""
+
+
+@asynccontextmanager
+async def writes_blocked(pg: AsyncEngine) -> AsyncIterator[None]:
+    """Holds a lock on usage_events that makes every worker's batch wait in its INSERT: the
+    batch is then really in hand (read from Redis, not written), for as long as this lasts."""
+    async with pg.connect() as conn:
+        await conn.execute(text("LOCK TABLE usage_events IN SHARE MODE"))
+        yield
+        await conn.rollback()
+
+
+async def worker_blocked(pg: AsyncEngine, redis: Redis) -> bool:
+    """A worker holds a batch (entries pending) and waits in its Postgres write."""
+    async with pg.connect() as conn:
+        blocked = await conn.scalar(text(BLOCKED_WORKERS))
+    return bool(blocked) and await pending(redis) > 0
+
+
+async def end_dead_workers_transactions(pg: AsyncEngine) -> None:
+    """A worker killed with kill -9 leaves its backend waiting until Postgres notices the
+    closed socket; end it now, as Postgres would, so its transaction is rolled back."""
+    async with pg.connect() as conn:
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'quota-sync-worker'"
+            )
+        )

@@ -1,10 +1,12 @@
 """Stores failing under load: Postgres down for 10 s (a private cluster, never the shared
-one), Redis flushed, Redis with AOF `appendfsync always` killed and restarted."""
+one), Redis flushed, Redis with AOF `appendfsync always` killed and restarted; and an idle
+worker whose Postgres is down does not look healthy."""
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,17 +18,18 @@ from quota_common import db
 from tests.conftest import start_sidecar
 from tests.servers import Process, RedisServer, eventually
 from tests.sync.conftest import start_worker
-from tests.sync.helpers import Load, PrivatePostgres, assert_books, books, drive, synced
+from tests.sync.helpers import (
+    Load,
+    PrivatePostgres,
+    assert_books,
+    books,
+    drive,
+    metric,
+    synced,
+    worker_url,
+)
 
 OUTAGE_S = 10
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in reversed(started):
-        process.kill()
 
 
 @pytest.fixture
@@ -181,3 +184,42 @@ async def test_redis_aof_restart_under_load_keeps_every_commit(
             )
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_idle_worker_with_postgres_down_answers_503_and_its_success_clock_stops(
+    base_env: dict[str, str],
+    logs_dir: Path,
+    private_pg: PrivatePostgres,
+    processes: list[Process],
+) -> None:
+    worker = start_worker({**base_env, "DATABASE_URL": private_pg.url}, logs_dir)
+    processes.append(worker)
+    url = worker_url(worker)
+
+    async def health() -> tuple[int, dict[str, Any]]:
+        answer = await asyncio.to_thread(httpx.get, f"{url}/healthz", timeout=2)
+        return answer.status_code, answer.json()
+
+    async def last_success() -> float:
+        return await asyncio.to_thread(metric, url, "quota_sync_last_success_timestamp")
+
+    async def status_is(code: int, status: str) -> bool:
+        got, body = await health()
+        return (got, body["status"]) == (code, status)
+
+    await eventually(lambda: status_is(200, "ok"), 10, "a healthy worker")
+    await asyncio.to_thread(private_pg.stop)
+    await eventually(lambda: status_is(503, "degraded"), 10, "503 with Postgres down")
+    stopped_at = await last_success()
+
+    async def stale() -> bool:
+        return ((await health())[1]["last_success_age_s"] or 0) > 2
+
+    # Nothing to write, yet the idle polls no longer count as a success.
+    await eventually(stale, 10, "the last success growing old")
+    assert await last_success() == stopped_at
+    assert (await health())[1]["error"]
+    await asyncio.to_thread(private_pg.start)
+    await eventually(lambda: status_is(200, "ok"), 20, "healthy again")
+    assert await last_success() > stopped_at

@@ -34,18 +34,40 @@ async def test_reaper_forgets_users_redis_lost(worker: Worker, redis: Redis) -> 
     assert await redis.zcard(due) == 0
 
 
+async def drifted(
+    http: httpx.AsyncClient, worker: Worker, redis: Redis, user_id: str, redis_used: int
+) -> str:
+    """A commit of 1000 in Postgres, then Redis `used` set apart from it; the state key."""
+    assert (await commit(http, user_id, "a", 1000))[0] == 200
+    await drain(worker)
+    state = keys.user_keys(user_id).state
+    await redis.hset(state, "used", redis_used)
+    return state
+
+
 async def test_drift_raises_redis_back_to_postgres(
     http: httpx.AsyncClient, worker: Worker, redis: Redis
 ) -> None:
-    assert (await commit(http, "old-snapshot", "a", 1000))[0] == 200
-    await drain(worker)
-    state = keys.user_keys("old-snapshot").state
     # As if Redis came back from a snapshot taken before the commit.
-    await redis.hset(state, "used", 100)
+    state = await drifted(http, worker, redis, "old-snapshot", 100)
     assert await worker.drift.run_once() == 900
     assert await redis.hget(state, "used") == b"1000"
-    assert metrics.DRIFT._value.get() == 900
+    assert metrics.DRIFT.labels("below")._value.get() == 900
     assert await worker.drift.run_once() == 0
+    assert metrics.DRIFT.labels("below")._value.get() == 0
+
+
+async def test_drift_measures_redis_above_postgres_and_never_lowers_it(
+    http: httpx.AsyncClient, worker: Worker, redis: Redis
+) -> None:
+    # As if a charge had been counted twice in Redis (or a reset lost there).
+    state = await drifted(http, worker, redis, "twice", 4000)
+    raised_before = metrics.DRIFT_RAISED._value.get()
+    assert await worker.drift.run_once() == 0
+    assert metrics.DRIFT.labels("above")._value.get() == 3000
+    assert metrics.DRIFT.labels("below")._value.get() == 0
+    assert metrics.DRIFT_RAISED._value.get() == raised_before
+    assert await redis.hget(state, "used") == b"4000"
 
 
 async def test_drift_waits_while_settlements_are_unprocessed(
