@@ -31,11 +31,12 @@ local now = now_ms()
 local s = touch(k, now)
 if not s then return {NOT_LOADED} end
 
--- An id already settled by a late commit has no fingerprint: any reserve with it conflicts.
-local known = redis.call('HMGET', record, 's', 'f', 'sb')
-if known[1] then
-  if known[2] ~= fingerprint then return {IDEMPOTENCY_CONFLICT} end
-  return replay(REPLAYED, known[3])
+-- A new id (the usual case) costs one field's read. An id already settled by a late commit
+-- has no fingerprint: any reserve with it conflicts.
+if redis.call('HGET', record, 's') then
+  local known = redis.call('HMGET', record, 'f', 'sb')
+  if known[1] ~= fingerprint then return {IDEMPOTENCY_CONFLICT} end
+  return replay(REPLAYED, known[2])
 end
 
 local limit = limit_of(s)

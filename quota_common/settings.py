@@ -5,7 +5,6 @@ console scripts print as one line before exiting with status 2 (`exit_bad_settin
 address a server cannot listen on (`listening_socket`).
 """
 
-import ipaddress
 import os
 import socket
 import sys
@@ -99,7 +98,8 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip("'\"")
+        # `export NAME=value` too: the same file may be sourced by a shell.
+        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
     return values
 
 
@@ -173,34 +173,21 @@ def _redis_url(env: Mapping[str, str], default: str, cluster: bool) -> str:
     return value
 
 
-def _host(env: Mapping[str, str], name: str, default: str) -> str:
-    """An address to listen on: an IP address, or a host name that resolves here."""
-    value = env.get(name) or default
-    try:
-        ipaddress.ip_address(value)
-        return value
-    except ValueError:
-        pass
-    try:
-        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError, ValueError):
-        raise SettingsError(
-            f"{name} must be an IP address or a host name that resolves, got {value!r}"
-        ) from None
-    return value
-
-
 def listening_socket(host_setting: str, host: str, port_setting: str, port: int) -> socket.socket:
     """The bound TCP socket a server listens on, taken before the application starts, so an
-    address that cannot be had here (not this machine's, or the port in use) is one line naming
-    the settings instead of a server's traceback after its start-up."""
+    address that cannot be had here (a name that does not resolve, not this machine's, or the
+    port in use) is one line naming the settings instead of a server's traceback after its
+    start-up. Only the process that listens on an address checks it: a name such as a compose
+    service's resolves where that service runs, maybe nowhere else. A name that resolves to
+    both families is bound on IPv4, as uvicorn binds a name (`localhost` may resolve to ::1
+    first, and its clients connect to 127.0.0.1)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as error:
-        raise SettingsError(f"{host_setting} {host!r}: {error.strerror}") from None
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise SettingsError(f"{host_setting} {host!r} does not resolve: {reason}") from None
+    family, kind, proto, _, address = min(found, key=lambda each: each[0] != socket.AF_INET)
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -209,7 +196,6 @@ def listening_socket(host_setting: str, host: str, port_setting: str, port: int)
         raise SettingsError(
             f"{host_setting}:{port_setting} {host}:{port} cannot be listened on: {error.strerror}"
         ) from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -257,7 +243,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         plan_plus_price=_int(env, "PLAN_PLUS_PRICE", defaults.plan_plus_price, 0, 10**8),
         plan_pro_price=_int(env, "PLAN_PRO_PRICE", defaults.plan_pro_price, 0, 10**8),
         reservation_ttl_s=_int(env, "RESERVATION_TTL_S", defaults.reservation_ttl_s, 1, 3600),
-        sidecar_host=_host(env, "SIDECAR_HOST", defaults.sidecar_host),
+        sidecar_host=env.get("SIDECAR_HOST") or defaults.sidecar_host,
         sidecar_port=_int(env, "SIDECAR_PORT", defaults.sidecar_port, 1, 65535),
         sidecar_uds=_optional(env, "SIDECAR_UDS"),
         sidecar_token=_optional(env, "SIDECAR_TOKEN"),
@@ -273,7 +259,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         auth_jwks_algorithms=_algorithms(env),
         auth_issuer=_optional(env, "AUTH_ISSUER"),
         auth_audience=_optional(env, "AUTH_AUDIENCE"),
-        billing_host=_host(env, "BILLING_HOST", defaults.billing_host),
+        billing_host=env.get("BILLING_HOST") or defaults.billing_host,
         billing_port=_int(env, "BILLING_PORT", defaults.billing_port, 1, 65535),
         billing_rate_user_per_min=_int(
             env, "BILLING_RATE_USER_PER_MIN", defaults.billing_rate_user_per_min, 1, 10**6
@@ -340,7 +326,7 @@ def _sync_worker(env: Mapping[str, str]) -> dict[str, Any]:
     """Settings of the sync worker, each bounded so a typo cannot stall or flood it."""
     d = Settings()
     return {
-        "sync_worker_host": _host(env, "SYNC_WORKER_HOST", d.sync_worker_host),
+        "sync_worker_host": env.get("SYNC_WORKER_HOST") or d.sync_worker_host,
         "sync_worker_port": _int(env, "SYNC_WORKER_PORT", d.sync_worker_port, 0, 65535),
         "sync_batch_size": _int(env, "SYNC_BATCH_SIZE", d.sync_batch_size, 1, 100_000),
         "sync_poll_interval_ms": _int(
@@ -382,3 +368,9 @@ def require_sync_worker(settings: Settings) -> None:
     _http_url("ALERT_WEBHOOK_URL", settings.alert_webhook_url)
     if settings.alert_webhook_url is not None and not settings.alert_webhook_secret:
         raise SettingsError("ALERT_WEBHOOK_SECRET is required when ALERT_WEBHOOK_URL is set")
+
+
+if __name__ == "__main__":
+    # `python -m quota_common.settings NAME`: a setting's value as every process reads it (the
+    # environment over .env, quotes stripped), for shell scripts such as scripts/up.
+    print(environment().get(sys.argv[1], ""))

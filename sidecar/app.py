@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
@@ -31,7 +32,7 @@ from sidecar.fields import COMMIT, EXTEND, REFUND, RESERVE, check_id, validate
 from sidecar.http import Answer, Call, Endpoint, http_error
 from sidecar.ledger import Ledger
 from sidecar.openapi import openapi_document
-from sidecar.outage import STORE_ERRORS, UNAVAILABLE, Journal
+from sidecar.outage import STORE_ERRORS, UNAVAILABLE, EntryRefused, Journal
 
 JOURNAL_REPLAY_INTERVAL_S = 0.5
 # Ids the sidecar makes: a random prefix per process and a counter, unique without a syscall
@@ -82,15 +83,15 @@ def create_app(
     journal = Journal(Path(settings.sidecar_journal_dir))
 
     def fail_open(user_id: str, rid: str, tokens: int, min_tokens: int, ttl_ms: int) -> Answer:
-        breaker = ledger.breakers.for_key(user_keys(user_id).state)
+        outage = ledger.breakers.outage
         fingerprint = (tokens, min_tokens, ttl_ms)
-        known = breaker.grants.get((user_id, rid))
+        known = outage.grants.get((user_id, rid))
         if known is not None:
             if known[0] != fingerprint:
                 raise refused(Code.IDEMPOTENCY_CONFLICT, [], rid)
             return Answer({**known[1], "replayed": True})
         budget = settings.fail_open_budget
-        granted = breaker.spend_budget(user_id, tokens, min_tokens, budget)
+        granted = outage.spend(user_id, tokens, min_tokens, budget)
         if not granted:
             raise ApiError(
                 503,
@@ -99,30 +100,38 @@ def create_app(
             )
         metrics.DEGRADED.inc()
         body = answers.degraded_reservation(
-            rid, user_id, granted, budget, breaker.budgets[user_id], ttl_ms
+            rid, user_id, granted, budget, outage.spent[user_id], ttl_ms
         )
-        breaker.grants[(user_id, rid)] = (fingerprint, body)
+        outage.grants[(user_id, rid)] = (fingerprint, body)
         return Answer(body)
 
     async def replay(entry: dict[str, Any]) -> None:
-        """Applies a journal entry, checked as its request was: a line that is not a commit or
-        refund raises here, and the journal sets it aside instead of applying it half-checked."""
+        """Applies a journal entry, checked as its request was (metadata included, kept as the
+        JSON text its check made): a line that is not a well-formed commit or refund raises
+        here, and the journal sets it aside instead of applying it half-checked. So does a
+        refusal by the ledger, counted: its client heard 200."""
         fields = dict(entry)
-        op, metadata = fields.pop("op", None), fields.pop("metadata", "")
-        if op == "commit" and isinstance(metadata, str):
+        op = fields.pop("op", None)
+        if op == "commit":
+            metadata = fields.pop("metadata", "")
+            if not isinstance(metadata, str):
+                raise ValueError("metadata must be the JSON text of the request's metadata")
+            if metadata:
+                fields["metadata"] = orjson.loads(metadata)
             body = validate(fields, COMMIT)
             user = user_keys(body["user_id"])
-            code, _ = await ledger.commit(user, body["reservation_id"], body["tokens"], metadata)
+            code, _ = await ledger.commit(
+                user, body["reservation_id"], body["tokens"], body["metadata"]
+            )
         elif op == "refund":
             body = validate(fields, REFUND)
             code, _ = await ledger.refund(user_keys(body["user_id"]), body["reservation_id"])
         else:
             raise ValueError(f"not a journalled commit or refund (op {op!r})")
         if code not in (Code.OK, Code.REPLAYED):
-            log.warning(
-                "journalled settlement refused",
-                extra={"op": op, "reservation_id": body["reservation_id"], "code": code.name},
-            )
+            _, error = REFUSALS[code]
+            metrics.JOURNAL_REFUSED.labels(error).inc()
+            raise EntryRefused(f"{op} refused by the ledger: {error}")
 
     async def replay_journal() -> None:
         # Runs while the breaker is open too: its first call is then the breaker's probe, so an
@@ -131,13 +140,13 @@ def create_app(
             await asyncio.sleep(JOURNAL_REPLAY_INTERVAL_S)
             try:
                 replayed = await journal.replay(replay)
-            except UNAVAILABLE:
-                continue  # still away: the entries wait for the next round
             except Exception:
                 log.exception("journal replay failed")
                 continue
             if replayed:
-                log.warning("journal replayed", extra={"entries": replayed})
+                log.warning(
+                    "journal replayed", extra={"entries": replayed, "waiting": journal.waiting}
+                )
 
     async def reserve(call: Call) -> Answer:
         body = validate(await call.json(), RESERVE)
@@ -256,14 +265,19 @@ def create_app(
         # directory applies it.
         try:
             await journal.replay(replay)
-        except UNAVAILABLE:
-            log.warning("journal kept for the next start: the store is unavailable")
         except Exception:
-            log.exception("journal kept for the next start")
-        await journal.close()
-        await ledger.pipeline.aclose()
-        await store.aclose()
-        await database.dispose()
+            log.exception("journal replay at shutdown failed")
+        if journal.waiting:
+            log.warning(
+                "journal kept for the next start: its store is unavailable",
+                extra={"entries": journal.waiting},
+            )
+        try:
+            await journal.close()
+        finally:
+            await ledger.pipeline.aclose()
+            await store.aclose()
+            await database.dispose()
 
     hot = {
         f"/v1/{name}": Endpoint(name, handler, token=sidecar_token)

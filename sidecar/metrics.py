@@ -34,3 +34,9 @@ DEGRADED = Counter(
 JOURNALLED = Counter(
     "quota_journalled_settlements_total", "Commits and refunds kept in the journal during outages."
 )
+JOURNAL_REFUSED = Counter(
+    "quota_journal_refused_entries_total",
+    "Journalled commits and refunds (answered 200) the ledger refused once Redis was back, by"
+    " code; each is kept in a *.bad file.",
+    ["code"],
+)

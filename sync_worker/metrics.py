@@ -48,6 +48,10 @@ CLAIMED = Counter(
     "Pending entries of a stalled or dead worker taken over by this one.",
 )
 REAPED = Counter("quota_sync_reaped_users_total", "Users whose expired holds the reaper settled.")
+HELD = Gauge(
+    "quota_held_tokens",
+    "Tokens on hold right now in all of Redis (the sum of every user's `reserved`), sampled.",
+)
 PLANS_APPLIED = Counter(
     "quota_sync_plans_applied_total",
     "Plan pushes from Postgres into Redis, by trigger (notify, start, period_end).",

@@ -31,7 +31,7 @@ from sync_worker.alerts import AlertSender
 from sync_worker.drift import DriftRepair
 from sync_worker.flush import Flusher
 from sync_worker.plans import PlanSync
-from sync_worker.reaper import Reaper
+from sync_worker.reaper import Reaper, held_tokens
 from sync_worker.settle import Settler
 from sync_worker.streams import SettleStreams
 
@@ -45,6 +45,8 @@ GC_THRESHOLD_OBJECTS = 100_000
 # Dead workers' consumer entries are removed after this long idle with nothing pending.
 CONSUMER_IDLE_FORGET_MS = 3_600_000
 CONSUMER_SWEEP_INTERVAL_S = 300.0
+# How often quota_held_tokens is summed (one Redis read per user with an open hold).
+HELD_SAMPLE_INTERVAL_S = 15.0
 ALERT_TICK_S = 1.0
 # After the first SIGTERM, how long a batch whose store is down is tried before giving up.
 STOP_WRITE_GRACE_S = 10.0
@@ -168,6 +170,7 @@ class Worker:
             "alerts": self._alerts_loop,
             "backlog": self._every(BACKLOG_INTERVAL_S, self._measure_backlog),
             "consumers": self._every(CONSUMER_SWEEP_INTERVAL_S, self._forget_consumers),
+            "held": self._every(HELD_SAMPLE_INTERVAL_S, self._sample_held),
         }
         self._tasks = [asyncio.create_task(loop(), name=name) for name, loop in loops.items()]
         try:
@@ -244,6 +247,9 @@ class Worker:
             if attempt is not None and not attempt.done():
                 attempt.cancel()
                 await asyncio.gather(attempt, return_exceptions=True)
+
+    async def _sample_held(self) -> None:
+        await held_tokens(self.redis)
 
     def _every(
         self, interval_s: float, step: Callable[[], Coroutine[Any, Any, Any]]

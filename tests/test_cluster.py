@@ -20,9 +20,9 @@ from quota_common.schema import usage_events, usage_totals
 from sidecar.outage import Breakers
 from tests.api import commit, refund, reserve, usage
 from tests.conftest import REDIS_URL, start_sidecar
-from tests.servers import RedisCluster, eventually, free_port
+from tests.outage_helpers import burst_within_bound
+from tests.servers import RedisCluster, eventually, free_port, wait_until
 from tests.sync.conftest import start_worker
-from tests.test_failure_modes import assert_within_bound, burst
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +254,7 @@ async def test_a_paused_master_answers_within_the_bound(
     requests = [
         ("/v1/reserve", {"user_id": user, "tokens": 1}) for user in (on_sick + on_healthy) * 3
     ]
-    answers = await burst(url, requests)
-    assert_within_bound(answers)
-    for answer in answers:
+    for answer in await burst_within_bound(url, requests):
         if answer.body.get("user_id", "") in on_sick or answer.status != 200:
             assert (answer.status, answer.body["error"]["code"]) == (503, "store_unavailable")
 
@@ -294,8 +292,8 @@ async def test_a_cluster_unreachable_at_start_is_an_outage_not_a_crash(
 
 
 async def test_one_breaker_per_master(cluster: RedisCluster) -> None:
-    """The breakers the ledger is to use (sidecar.outage.Breakers): a master that keeps failing
-    opens its own breaker only; a single Redis has one breaker for everyone."""
+    """The ledger's breakers (sidecar.outage.Breakers): a master that keeps failing opens its
+    own breaker only; a single Redis has one breaker for everyone."""
     client = AsyncRedisCluster.from_url(f"redis://127.0.0.1:{cluster.nodes[0].port}")
     try:
         await client.initialize()
@@ -314,3 +312,84 @@ async def test_one_breaker_per_master(cluster: RedisCluster) -> None:
         await client.aclose()
     single = Breakers(Redis.from_url(REDIS_URL))
     assert single.for_key(user_keys("x").state) is single.for_key(user_keys("y").state)
+
+
+async def test_the_outage_budget_is_one_per_user_across_breakers(cluster: RedisCluster) -> None:
+    """FAIL_MODE=open's budget belongs to the user, not to a master's breaker: spent under ""
+    (the slot map not read yet), it is not granted again once the user's slot maps to a real
+    master that fails too, nor when another master answers meanwhile. It ends when every
+    master answers again; and the breaker of "" is dropped once the map is read."""
+    client = AsyncRedisCluster.from_url(f"redis://127.0.0.1:{cluster.nodes[0].port}")
+    try:
+        breakers = Breakers(client)
+        key = user_keys("olga").state
+        unmapped = breakers.for_key(key)
+        for _ in range(3):
+            unmapped.failed()
+        assert breakers.outage.spend("olga", 60, 0, 100) == 60
+        await client.initialize()
+        mapped = breakers.for_key(key)
+        assert mapped is not unmapped and "" not in breakers.by_master
+        mapped.failed()
+        assert breakers.outage.spend("olga", 60, 0, 100) == 0
+        by_port = masters_of(cluster, [f"o-{i}" for i in range(30)])
+        elsewhere = next(
+            group[0]
+            for group in by_port.values()
+            if breakers.for_key(user_keys(group[0]).state) is not mapped
+        )
+        breakers.for_key(user_keys(elsewhere).state).succeeded()
+        assert breakers.outage.spend("olga", 60, 40, 100) == 40
+        mapped.succeeded()
+        assert breakers.outage.spend("olga", 100, 0, 100) == 100
+    finally:
+        await client.aclose()
+
+
+async def test_journalled_entries_wait_only_for_their_own_master(
+    sick_cluster: RedisCluster, base_env: dict[str, str], logs_dir: Path, tmp_path: Path
+) -> None:
+    """Every master paused while commits are journalled, then all but one resume: the entries
+    of the healthy masters' users reach Redis, though those of the paused master's users come
+    first in the journal and cannot be applied; theirs follow once it resumes."""
+    process, url = start_sidecar(
+        base_env,
+        logs_dir,
+        REDIS_URL=sick_cluster.url,
+        REDIS_TIMEOUT_MS="50",
+        SIDECAR_JOURNAL_DIR=str(tmp_path / "journal"),
+    )
+    sick, *others = sick_cluster.nodes
+    try:
+        by_port = masters_of(sick_cluster, [f"j-{i}" for i in range(30)])
+        on_sick = by_port[sick.port][:3]
+        healthy = [user for node in others for user in by_port[node.port][:3]]
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for user in on_sick + healthy:
+                assert (await reserve(http, user, 10, reservation_id="j"))[0] == 200
+            for node in sick_cluster.nodes:
+                node.pause()
+            try:
+                for user in on_sick + healthy:
+                    status, body = await commit(http, user, "j", 4)
+                    assert status == 200 and body["degraded"] is True
+            finally:
+                for node in others:
+                    node.resume()
+
+            async def charged(users: list[str]) -> bool:
+                for user in users:
+                    response = await http.get(f"/v1/usage/{user}")
+                    if response.status_code != 200 or response.json()["used"] != 4:
+                        return False
+                return True
+
+            try:
+                await eventually(lambda: charged(healthy), 10, "the healthy masters' entries")
+                assert not await charged(on_sick[:1])
+            finally:
+                sick.resume()
+            await eventually(lambda: charged(on_sick), 15, "the resumed master's entries")
+    finally:
+        process.stop()
+        wait_until(sick_cluster.healthy, 30, "the cluster healthy again", interval_s=0.1)

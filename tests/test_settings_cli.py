@@ -1,10 +1,12 @@
 """Console scripts as operators run them: a bad setting, or an address a server cannot listen
-on, is one line naming the setting (no traceback) and exit status 2; `quota-migrate` is safe to
-run twice."""
+on, is one line naming the setting (no traceback) and exit status 2; only the process that
+listens on an address checks it; `quota-migrate` is safe to run twice."""
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,18 +55,23 @@ BAD = [
     ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
     ("REDIS_URL", "redis://127.0.0.1:6379/?db=two"),
     ("REDIS_URL", "redis+cluster://127.0.0.1:7000/3"),
-    ("SIDECAR_HOST", "256.1.1.1"),
-    ("BILLING_HOST", "no-such-host.invalid"),
-    ("SYNC_WORKER_HOST", "[::1]"),
 ]
 
 
-# The process test for a sample (each start costs a second); settings.load for every one. The
-# paths are checked by the sidecar itself, at start.
-PATHS = [("SIDECAR_JOURNAL_DIR", "/proc/no-such-dir"), ("SIDECAR_UDS", "/proc/no-such-dir/s.sock")]
+# The process test for a sample of BAD (each start costs a second), settings.load for every
+# one; and what the sidecar itself checks at start: its paths, and the address it listens on.
+SIDECAR_BAD = [
+    ("SIDECAR_PORT", "abc"),
+    ("FAIL_MODE", "maybe"),
+    ("REDIS_URL", "http://127.0.0.1:6379"),
+    ("QUOTA_FREE", "lots"),
+    ("SIDECAR_JOURNAL_DIR", "/proc/no-such-dir"),
+    ("SIDECAR_UDS", "/proc/no-such-dir/s.sock"),
+    ("SIDECAR_HOST", "256.1.1.1"),
+]
 
 
-@pytest.mark.parametrize(("name", "value"), [BAD[0], BAD[2], BAD[3], BAD[8], BAD[15], *PATHS])
+@pytest.mark.parametrize(("name", "value"), SIDECAR_BAD)
 def test_bad_setting_stops_the_sidecar_with_one_line(
     base_env: dict[str, str], tmp_path: Path, name: str, value: str
 ) -> None:
@@ -163,10 +170,85 @@ def test_quota_migrate_twice_is_fine(database_url: str, tmp_path: Path) -> None:
 
 
 def test_quota_migrate_bad_setting_is_one_line(tmp_path: Path) -> None:
-    done = run("quota-migrate", {"DATABASE_URL": "nonsense"}, tmp_path)
-    assert done.returncode != 0
-    assert len(done.stderr.strip().splitlines()) == 1 and "DATABASE_URL" in done.stderr
+    assert_one_line_naming(
+        run("quota-migrate", {"DATABASE_URL": "nonsense"}, tmp_path), "DATABASE_URL"
+    )
 
 
-def test_quota_migrate_bad_setting_exits_2(tmp_path: Path) -> None:
-    assert run("quota-migrate", {"DATABASE_URL": "nonsense"}, tmp_path).returncode == BAD_SETTING
+UNRESOLVABLE = {
+    "SIDECAR_HOST": "sidecar.internal.invalid",
+    "BILLING_HOST": "billing.internal.invalid",
+    "SYNC_WORKER_HOST": "no-such-host.invalid",
+}
+
+
+def test_an_address_is_checked_only_by_the_process_that_listens_on_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Host names that resolve only where their service runs (a compose service's name): the
+    other processes neither refuse them nor look them up."""
+    loaded = settings.load(UNRESOLVABLE)
+    assert loaded.billing_host == UNRESOLVABLE["BILLING_HOST"]
+    done = run("quota-migrate", {"DATABASE_URL": database_url, **UNRESOLVABLE}, tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "x" * 64 + ".example", "[::1]"])
+def test_an_address_that_does_not_resolve_names_its_setting(host: str) -> None:
+    with pytest.raises(settings.SettingsError, match="SIDECAR_HOST"):
+        settings.listening_socket("SIDECAR_HOST", host, "SIDECAR_PORT", free_port())
+
+
+def test_localhost_is_listened_on_as_uvicorn_would_on_ipv4() -> None:
+    sock = settings.listening_socket("SIDECAR_HOST", "localhost", "SIDECAR_PORT", free_port())
+    with sock:
+        assert (sock.family, sock.getsockname()[0]) == (socket.AF_INET, "127.0.0.1")
+
+
+# Under a hosts file that names ::1 first for localhost, as Docker's does.
+BIND_LOCALHOST = """
+from quota_common.settings import listening_socket
+sock = listening_socket("SIDECAR_HOST", "localhost", "SIDECAR_PORT", 0)
+print(sock.family.name, sock.getsockname()[0])
+"""
+
+
+def test_localhost_resolving_to_ipv6_first_is_still_listened_on_ipv4(tmp_path: Path) -> None:
+    """A private mount namespace gives the child its own /etc/hosts (the machine's is left as
+    it is): clients connecting to localhost's 127.0.0.1 must find the server there."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a private /etc/hosts")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 localhost\n127.0.0.1 localhost\n")
+    script = f'mount --bind {hosts} /etc/hosts && exec "$0" -c "$1"'
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, sys.executable, BIND_LOCALHOST],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0 and "mount" in done.stderr:
+        pytest.skip(f"no private mount namespace here: {done.stderr.strip()}")
+    assert done.stdout.split() == ["AF_INET", "127.0.0.1"], done.stderr
+
+
+def test_scripts_read_a_setting_as_the_processes_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m quota_common.settings NAME`, as scripts/up reads STRIPE_WEBHOOK_SECRET for
+    localstripe: quotes and `export` in .env as the loader takes them, the environment first."""
+    (tmp_path / ".env").write_text('export STRIPE_WEBHOOK_SECRET="whsec_from_file"\n')
+    command = [sys.executable, "-m", "quota_common.settings", "STRIPE_WEBHOOK_SECRET"]
+    clean = {k: v for k, v in os.environ.items() if k != "STRIPE_WEBHOOK_SECRET"}
+
+    def read(env: dict[str, str]) -> str:
+        done = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert read(clean) == "whsec_from_file"
+    assert read({**clean, "STRIPE_WEBHOOK_SECRET": "whsec_env"}) == "whsec_env"
+    monkeypatch.chdir(tmp_path)
+    assert read(clean) == settings.load({}).stripe_webhook_secret

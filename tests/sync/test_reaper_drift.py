@@ -5,6 +5,7 @@ from redis.asyncio import Redis
 
 from quota_common import keys
 from sync_worker import metrics
+from sync_worker.reaper import held_tokens
 from sync_worker.worker import Worker
 from tests.api import commit, reserve
 from tests.servers import eventually
@@ -97,3 +98,16 @@ async def test_dead_consumers_are_forgotten_once_idle(worker: Worker, redis: Red
     assert await worker.streams.forget_idle_consumers(0) == 1  # busy-worker has one pending
     names = {c["name"] for c in await redis.xinfo_consumers(stream, keys.SETTLE_GROUP)}
     assert names == {b"busy-worker"}
+
+
+async def test_held_tokens_sum_every_open_hold(
+    http: httpx.AsyncClient, worker: Worker, redis: Redis
+) -> None:
+    """quota_held_tokens: the tokens on hold in all of Redis, whichever users hold them; a
+    settled hold stops counting, and so does an early due score with nothing behind it."""
+    for n, tokens in enumerate((300, 200, 50)):
+        assert (await reserve(http, f"holder{n}", tokens, reservation_id=f"h{n}"))[0] == 200
+    assert await held_tokens(redis) == 550
+    assert metrics.HELD._value.get() == 550
+    assert (await commit(http, "holder1", "h1", 10))[0] == 200  # its due score stays, early
+    assert await held_tokens(redis) == 350
