@@ -2,6 +2,7 @@
 security headers, and the wrapper that turns Stripe, Postgres and Redis trouble into answers."""
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +26,12 @@ RETRY_AFTER_S = 5
 log = logging.getLogger("billing_api")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A Retry-After header of the whole seconds to wait, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -90,7 +97,14 @@ def stripe_failure(error: stripe.StripeError) -> ApiError:
     if isinstance(error, stripe.CardError):
         return ApiError(402, ErrorCode.PAYMENT_FAILED, message)
     if isinstance(error, stripe.IdempotencyError):
-        return ApiError(409, ErrorCode.CONFLICT, "a previous request is still being settled")
+        # Our keys always carry the same parameters, so this is Stripe still working on an
+        # earlier request with the key: to be retried, not a conflict of state.
+        return ApiError(
+            503,
+            ErrorCode.PAYMENT_PROVIDER_UNAVAILABLE,
+            "Stripe is still working on an earlier request for this; try again shortly",
+            retry_after(RETRY_AFTER_S),
+        )
     if isinstance(error, stripe.InvalidRequestError) and (error.http_status or 500) < 500:
         log.info("stripe refused a request", extra={"stripe_error": str(error.code or "")})
         if "payment method" in message.lower() or error.param == "payment_method":

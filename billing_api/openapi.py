@@ -169,7 +169,10 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Buy a paid plan (one Stripe customer per user)",
                     "description": "402 when the first payment fails or needs 3-D Secure "
-                    "(then `payment_status: requires_action` and `client_secret`).",
+                    "(then `payment_status: requires_action` and `client_secret`); 409 only "
+                    "when a paid subscription is already active (`subscription_id`, `plan`); "
+                    "503 with `Retry-After` (the seconds left) while an earlier subscribe may "
+                    "still be under way at Stripe or another change for the user is running.",
                     "security": USER,
                     "requestBody": _body(
                         {"plan": PAID, "payment_method": {"type": "string", "pattern": "^pm_"}},
@@ -236,7 +239,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Stripe events, checked with STRIPE_WEBHOOK_SECRET",
                     "parameters": [{"name": "Stripe-Signature", "in": "header", "required": True}],
-                    "responses": _answers(WEBHOOK, 400, 409, 413, 422, 503),
+                    "responses": _answers(WEBHOOK, 400, 413, 422, 503),
                 }
             },
             "/health": {"get": {"responses": _answers(HEALTH)}},

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from billing_api import metrics
 from billing_api.stripe_api import (
     Obj,
+    Payment,
     attempt_of,
     invoice_plan,
     invoice_subscription,
@@ -145,15 +146,34 @@ async def finish_attempt(
     conn: AsyncConnection, user_id: str, attempt_id: int, subscription_id: str | None
 ) -> None:
     """Closes an attempt with the subscription it made (None: Stripe made none)."""
-    await conn.execute(
+    of_attempt = (subscribe_attempts.c.id == attempt_id, subscribe_attempts.c.user_id == user_id)
+    closed = await conn.execute(
+        update(subscribe_attempts)
+        .where(*of_attempt, subscribe_attempts.c.finished_at.is_(None))
+        .values(finished_at=func.now(), stripe_subscription_id=subscription_id)
+        .returning(subscribe_attempts.c.id)
+    )
+    if subscription_id is None or closed.first() is not None:
+        return
+    # Closed before as "Stripe made none": Stripe made it after all, later than ATTEMPT_SETTLE
+    # allows for (a holder stalled between committing the attempt and sending the create). The
+    # user may now pay for two subscriptions: an operator must look. Flagged once.
+    late = await conn.execute(
         update(subscribe_attempts)
         .where(
-            subscribe_attempts.c.id == attempt_id,
-            subscribe_attempts.c.user_id == user_id,
-            subscribe_attempts.c.finished_at.is_(None),
+            *of_attempt,
+            subscribe_attempts.c.finished_at.is_not(None),
+            subscribe_attempts.c.stripe_subscription_id.is_(None),
         )
-        .values(finished_at=func.now(), stripe_subscription_id=subscription_id)
+        .values(stripe_subscription_id=subscription_id)
+        .returning(subscribe_attempts.c.id)
     )
+    if late.first() is not None:
+        metrics.SUBSCRIBE_RECOVERIES.labels("found_after_abandoned").inc()
+        log.error(
+            "subscription made for an attempt closed as abandoned; the user may have two",
+            extra={"user_id": user_id, "attempt": attempt_id, "subscription": subscription_id},
+        )
 
 
 async def paid_subscription(conn: AsyncConnection, user_id: str) -> Row[Any] | None:
@@ -179,15 +199,16 @@ async def subscription_ids_with_status(
     return [str(row) for row in rows if row]
 
 
-def payment_status(invoice: Obj, intent: Obj | None = None) -> str:
-    """Ours from Stripe's invoice status; an attempted open invoice whose payment waits for the
-    card holder (3-D Secure, `intent` given) is pending, not failed."""
+def payment_status(invoice: Obj, payment: Payment) -> str:
+    """Ours from what Stripe holds now: a paid invoice is succeeded, or refunded once its charge
+    is all refunded; an attempted open invoice is failed, unless its PaymentIntent waits for the
+    card holder (3-D Secure) or the bank: then it is pending, like one not attempted yet."""
     status = invoice.get("status")
     if status == "paid":
-        return "succeeded"
+        return "refunded" if (payment.charge or {}).get("refunded") else "succeeded"
     if status in ("void", "uncollectible"):
         return "failed"
-    waiting = intent is not None and intent.get("status") in AWAITING_CUSTOMER
+    waiting = payment.intent is not None and payment.intent.get("status") in AWAITING_CUSTOMER
     if (
         status == "open"
         and not waiting
@@ -198,17 +219,18 @@ def payment_status(invoice: Obj, intent: Obj | None = None) -> str:
 
 
 async def save_invoice(
-    conn: AsyncConnection,
-    user_id: str,
-    invoice: Obj,
-    plan: str | None = None,
-    intent: Obj | None = None,
+    conn: AsyncConnection, user_id: str, invoice: Obj, payment: Payment, plan: str | None = None
 ) -> None:
-    status = payment_status(invoice, intent)
-    amount = invoice.get("amount_paid") if status == "succeeded" else invoice.get("amount_due")
+    """Records the invoice and its payment as Stripe holds them now, whatever was recorded
+    before: every writer read Stripe under the user's lease, so the last write is the latest
+    state, a refund learnt before its invoice included."""
+    status = payment_status(invoice, payment)
+    paid = invoice.get("status") == "paid"
+    amount = invoice.get("amount_paid") if paid else invoice.get("amount_due")
     values: dict[str, Any] = {
         "stripe_subscription_id": invoice_subscription(invoice),
         "amount_cents": int(amount or 0),
+        "amount_refunded_cents": int((payment.charge or {}).get("amount_refunded") or 0),
         "currency": str(invoice.get("currency") or "usd")[:3],
         "status": status,
         "plan": invoice_plan(invoice) or plan,
@@ -222,25 +244,8 @@ async def save_invoice(
         created_at=from_unix(int(created)) if created else func.now(),
         **values,
     )
-    # A refund is learnt from its own event; re-reading the paid invoice must not undo it.
     await conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=[payments.c.stripe_invoice_id],
-            set_=values,
-            where=payments.c.status != "refunded",
-        )
-    )
-
-
-async def save_refund(conn: AsyncConnection, user_id: str, invoice_id: str, charge: Obj) -> None:
-    """What the charge paying an invoice has had refunded; all of it makes it `refunded`."""
-    values: dict[str, Any] = {"amount_refunded_cents": int(charge.get("amount_refunded") or 0)}
-    if charge.get("refunded"):
-        values["status"] = "refunded"
-    await conn.execute(
-        update(payments)
-        .where(payments.c.stripe_invoice_id == invoice_id, payments.c.user_id == user_id)
-        .values(values)
+        statement.on_conflict_do_update(index_elements=[payments.c.stripe_invoice_id], set_=values)
     )
 
 

@@ -11,7 +11,9 @@ Objects are returned as plain dicts (`to_dict()`): SDK objects are not dicts, an
 that moved between API versions (periods on items or on the subscription) are read in one place.
 """
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import stripe
@@ -20,15 +22,43 @@ from quota_common.plans import PAID_PLANS, Plan
 from quota_common.settings import Settings
 
 Obj = dict[str, Any]
-TIMEOUT_S = 20
+# The longest one Stripe call may take from connecting to its last byte, enforced as a whole.
+CALL_S = 20.0
+# How long Stripe itself may still work on a request it received (its own SDKs wait 80 s for an
+# answer); a request we gave up on can still take effect until then.
+STRIPE_REQUEST_MAX_S = 80.0
 # Metadata key on subscriptions: the subscribe_attempts row that made it.
 ATTEMPT_KEY = "subscribe_attempt"
 # A customer has one subscription per subscribe, and subscribes are rate limited.
 SUBSCRIPTIONS_LISTED_MAX = 100
 ENDED_STATUSES = ("canceled", "incomplete_expired")
+# Subscriptions that give no plan now but can become paid again: an incomplete one when its first
+# payment is completed (3-D Secure), a paused one when resumed, an unpaid one when its invoice is
+# paid.
+DORMANT_STATUSES = ("incomplete", "paused", "unpaid")
 
 
-def client(settings: Settings) -> stripe.StripeClient:
+class CappedHTTPXClient(stripe.HTTPXClient):
+    """httpx's timeout bounds each phase (connect, every read, ...), so a server that trickles
+    its answer never trips it; this one caps the whole call at `call_s`."""
+
+    def __init__(self, call_s: float) -> None:
+        super().__init__(timeout=call_s)
+        self.call_s = call_s
+
+    async def request_async(
+        self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+    ) -> tuple[bytes, int, Mapping[str, str]]:
+        try:
+            async with asyncio.timeout(self.call_s):
+                return await super().request_async(method, url, headers, post_data)
+        except TimeoutError:
+            # What the SDK raises for any other network failure, so callers see one kind.
+            message = f"Stripe did not answer within {self.call_s} s"
+            raise stripe.APIConnectionError(message, should_retry=True) from None  # type: ignore[no-untyped-call]
+
+
+def client(settings: Settings, call_s: float = CALL_S) -> stripe.StripeClient:
     base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
     return stripe.StripeClient(
         settings.stripe_api_key or "",
@@ -36,8 +66,18 @@ def client(settings: Settings) -> stripe.StripeClient:
         # Retrying is the caller's choice (idempotency keys make it safe); the SDK's own retries
         # would hold a user's request, and a per-user lock, for seconds.
         max_network_retries=0,
-        http_client=stripe.HTTPXClient(timeout=TIMEOUT_S),
+        http_client=CappedHTTPXClient(call_s),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """What Stripe holds about the paying of one invoice, as its payment status needs it: the
+    PaymentIntent of an open invoice (waiting for 3-D Secure, or failed), the charge of a paid
+    one (what was refunded)."""
+
+    intent: Obj | None = None
+    charge: Obj | None = None
 
 
 def plan_id(plan: Plan, currency: str) -> str:
@@ -173,6 +213,33 @@ async def cancel_now(api: stripe.StripeClient, subscription_id: str) -> Obj | No
         return found
 
 
+async def void_invoice(api: stripe.StripeClient, invoice_id: str) -> bool:
+    """Voids an unpaid invoice so it can no longer be paid; False when Stripe refuses, the
+    invoice being paid (or otherwise no longer open)."""
+    try:
+        await api.v1.invoices.void_invoice_async(invoice_id)
+    except stripe.InvalidRequestError:
+        return False
+    return True
+
+
+async def end_dormant(api: stripe.StripeClient, subscription: Obj) -> None:
+    """Ends a subscription of DORMANT_STATUSES (as retrieve_subscription returns it, with its
+    latest invoice) unless it has just been paid. An incomplete one's open first invoice is
+    voided first: Stripe voids only an unpaid invoice, so a 3-D Secure payment completed
+    meanwhile either came first (the void is refused and the subscription is left as it is) or
+    can no longer happen. Cancelling alone could end a subscription paid a moment before."""
+    invoice = subscription.get("latest_invoice")
+    if (
+        subscription.get("status") == "incomplete"
+        and isinstance(invoice, dict)
+        and invoice.get("status") == "open"
+        and not await void_invoice(api, invoice["id"])
+    ):
+        return
+    await cancel_now(api, subscription["id"])
+
+
 async def _unless_missing(fetch: Awaitable[stripe.StripeObject]) -> Obj | None:
     """The object as a dict; None when Stripe does not know it (404)."""
     try:
@@ -184,8 +251,9 @@ async def _unless_missing(fetch: Awaitable[stripe.StripeObject]) -> Obj | None:
 
 
 async def retrieve_subscription(api: stripe.StripeClient, subscription_id: str) -> Obj | None:
-    """The subscription as Stripe holds it now."""
-    return await _unless_missing(api.v1.subscriptions.retrieve_async(subscription_id))
+    """The subscription as Stripe holds it now, with its latest invoice."""
+    params: Any = {"expand": ["latest_invoice"]}
+    return await _unless_missing(api.v1.subscriptions.retrieve_async(subscription_id, params))
 
 
 async def retrieve_invoice(api: stripe.StripeClient, invoice_id: str) -> Obj | None:
@@ -224,6 +292,25 @@ async def charge_invoice(api: stripe.StripeClient, charge: Obj) -> str | None:
     for paid in (await api.v1.invoice_payments.list_async(params)).data:
         found = object_id(paid.to_dict().get("invoice"))
     return found
+
+
+async def invoice_payment(api: stripe.StripeClient, invoice: Obj) -> Payment:
+    """How the invoice is being paid, read from Stripe now. A paid invoice's charge is
+    `invoice.charge` before API 2025-03-31 (and in localstripe), its PaymentIntent's latest
+    charge from then on."""
+    status = invoice.get("status")
+    if status == "open":
+        return Payment(intent=await invoice_intent(api, invoice))
+    if status != "paid":
+        return Payment()
+    charge_id = object_id(invoice.get("charge"))
+    if charge_id is None:
+        intent = await invoice_intent(api, invoice)
+        charge_id = object_id(intent.get("latest_charge")) if intent else None
+    if charge_id is None:
+        # Nothing was charged (a zero invoice, or paid from the customer's balance).
+        return Payment()
+    return Payment(charge=await retrieve_charge(api, charge_id))
 
 
 def object_id(value: object) -> str | None:

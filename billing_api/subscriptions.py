@@ -9,6 +9,10 @@ committed first, and its id makes the Stripe idempotency key and the subscriptio
 An attempt whose answer was lost stays open. The user's next subscribe looks it up in Stripe
 and records the subscription it made, or closes it once it is certain Stripe made none; the
 subscription's own webhook records it too. So a retry never buys a second subscription.
+
+A subscription that gives no plan now but could become paid again (incomplete, paused, unpaid)
+is re-read in Stripe before a new one is bought: paid by now, it is recorded and the subscribe
+refused; still dormant, it is ended first. So the user never pays for two.
 """
 
 import logging
@@ -22,13 +26,15 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing_api import locks, metrics, records, stripe_api, views
+from billing_api.http import RETRY_AFTER_S, retry_after
 from billing_api.services import Services
 from quota_common.accounts import PAID_STATUSES, plan_period
 from quota_common.codes import ApiError, ErrorCode
 
-# An attempt Stripe shows no subscription for may still be in flight there (a timed-out call)
-# until this long after it started; Stripe ends any request well before.
-ATTEMPT_SETTLE = timedelta(seconds=120)
+# Stripe may still make an attempt's subscription until our create call has ended (CALL_S after
+# the attempt started, at most) and Stripe is done with the request (STRIPE_REQUEST_MAX_S more):
+# an attempt Stripe shows no subscription for is taken as abandoned only after both.
+ATTEMPT_SETTLE = timedelta(seconds=stripe_api.CALL_S + stripe_api.STRIPE_REQUEST_MAX_S + 20)
 log = logging.getLogger("billing_api")
 
 
@@ -64,14 +70,23 @@ async def _record(
     conn: AsyncConnection,
     user_id: str,
     subscription: stripe_api.Obj,
-    plan: str,
-    intent: stripe_api.Obj | None = None,
+    payment: stripe_api.Payment,
+    plan: str | None = None,
 ) -> None:
-    """A subscription Stripe made for us, with its first invoice when Stripe returned it."""
+    """A subscription Stripe made for us, with its latest invoice when Stripe returned it."""
     await records.save_subscription(conn, user_id, subscription, now_s())
     invoice = subscription.get("latest_invoice")
     if isinstance(invoice, dict):
-        await records.save_invoice(conn, user_id, invoice, plan, intent)
+        plan = plan or stripe_api.subscription_plan(subscription)
+        await records.save_invoice(conn, user_id, invoice, payment, plan)
+
+
+async def _payment(services: Services, subscription: stripe_api.Obj) -> stripe_api.Payment:
+    """How the subscription's latest invoice is being paid, read from Stripe."""
+    invoice = subscription.get("latest_invoice")
+    if not isinstance(invoice, dict):
+        return stripe_api.Payment()
+    return await stripe_api.invoice_payment(services.stripe, invoice)
 
 
 async def _customer(services: Services, lease: locks.Lease, user_id: str) -> str:
@@ -98,16 +113,17 @@ async def _settle_open_attempt(services: Services, lease: locks.Lease, user_id: 
     )
     if made is None and attempt.age < ATTEMPT_SETTLE:
         raise ApiError(
-            409,
-            ErrorCode.CONFLICT,
-            "the previous subscribe is still being settled with Stripe; try again in a minute",
-            {"Retry-After": str(int(ATTEMPT_SETTLE.total_seconds()))},
+            503,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "the previous subscribe may still be under way at Stripe; try again after Retry-After",
+            retry_after((ATTEMPT_SETTLE - attempt.age).total_seconds()),
         )
+    payment = await _payment(services, made) if made else stripe_api.Payment()
     async with locks.fenced(services.engine, lease) as conn:
         if made is None:
             await records.finish_attempt(conn, user_id, attempt.id, None)
         else:
-            await _record(conn, user_id, made, attempt.plan)
+            await _record(conn, user_id, made, payment, attempt.plan)
     outcome = "abandoned" if made is None else "found"
     metrics.SUBSCRIBE_RECOVERIES.labels(outcome).inc()
     log.info("subscribe attempt settled", extra={"user_id": user_id, "outcome": outcome})
@@ -129,16 +145,35 @@ async def _refuse_if_paid(services: Services, user_id: str) -> None:
     )
 
 
-async def _close_incomplete(services: Services, lease: locks.Lease, user_id: str) -> None:
-    """A subscription whose first payment failed is replaced by the new one, not left beside
-    it to be paid by accident later."""
+async def _end_dormant(services: Services, lease: locks.Lease, user_id: str) -> None:
+    """Re-reads in Stripe the subscriptions recorded as dormant (stripe_api.DORMANT_STATUSES)
+    and records what it holds: one paid by now (3-D Secure completed, the unpaid invoice paid)
+    then refuses the subscribe in _refuse_if_paid; one still dormant is ended first, so it is
+    not left beside the new one to be paid by accident later."""
     async with services.engine.connect() as conn:
-        unpaid = await records.subscription_ids_with_status(conn, user_id, ("incomplete",))
-    for subscription_id in unpaid:
-        closed = await stripe_api.cancel_now(services.stripe, subscription_id)
-        if closed is not None:
-            async with locks.fenced(services.engine, lease) as conn:
-                await records.save_subscription(conn, user_id, closed, now_s())
+        dormant = await records.subscription_ids_with_status(
+            conn, user_id, stripe_api.DORMANT_STATUSES
+        )
+    for subscription_id in dormant:
+        found = await stripe_api.retrieve_subscription(services.stripe, subscription_id)
+        if found is not None and found.get("status") in stripe_api.DORMANT_STATUSES:
+            await stripe_api.end_dormant(services.stripe, found)
+            found = await stripe_api.retrieve_subscription(services.stripe, subscription_id)
+        if found is None:
+            continue
+        payment = await _payment(services, found)
+        async with locks.fenced(services.engine, lease) as conn:
+            await _record(conn, user_id, found, payment)
+        if found.get("status") in stripe_api.DORMANT_STATUSES:
+            # Stripe refused the void without the invoice being paid: its payment is still
+            # being processed by the bank, and either outcome is near.
+            raise ApiError(
+                503,
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "the payment of your previous subscribe is still being processed; try again "
+                "shortly",
+                retry_after(RETRY_AFTER_S),
+            )
 
 
 @asynccontextmanager
@@ -189,10 +224,11 @@ async def subscribe(
     async with _lease(services, user_id) as lease:
         await _settle_open_attempt(services, lease, user_id)
         await _refuse_if_paid(services, user_id)
+        await _end_dormant(services, lease, user_id)
+        await _refuse_if_paid(services, user_id)
         customer = await _customer(services, lease, user_id)
         if payment_method is not None:
             await stripe_api.set_payment_method(services.stripe, customer, payment_method)
-        await _close_incomplete(services, lease, user_id)
         stripe_plan = await stripe_api.ensure_plan(
             services.stripe, services.plans[plan], services.settings.stripe_currency
         )
@@ -201,12 +237,9 @@ async def subscribe(
                 services.stripe, customer, user_id, stripe_plan, attempt_id
             )
         status = str(created.get("status"))
-        invoice = created.get("latest_invoice")
-        intent = None
-        if status not in PAID_STATUSES and isinstance(invoice, dict):
-            intent = await stripe_api.invoice_intent(services.stripe, invoice)
+        payment = await _payment(services, created)
         async with locks.fenced(services.engine, lease) as conn:
-            await _record(conn, user_id, created, plan, intent)
+            await _record(conn, user_id, created, payment, plan)
     await records.push_plan(services.engine, services.redis, user_id, services.plans)
     log.info(
         "subscribed",
@@ -214,7 +247,7 @@ async def subscribe(
     )
     view = await _view(services, user_id)
     if status not in PAID_STATUSES:
-        raise _first_payment_refused(created, intent)
+        raise _first_payment_refused(created, payment.intent)
     return view
 
 

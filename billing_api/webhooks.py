@@ -12,7 +12,7 @@ event with a malformed one is refused with a 4xx, never a 5xx.
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import stripe
@@ -40,6 +40,7 @@ INVOICE_EVENTS = frozenset(
         "invoice.paid",
         "invoice.payment_succeeded",
         "invoice.payment_failed",
+        "invoice.payment_action_required",
         "invoice.finalized",
         "invoice.voided",
         "invoice.marked_uncollectible",
@@ -123,39 +124,41 @@ class Current:
 
     subscription: stripe_api.Obj | None = None
     invoice: stripe_api.Obj | None = None
-    charge: stripe_api.Obj | None = None
-    charged_invoice: str | None = None
+    payment: stripe_api.Payment = field(default_factory=stripe_api.Payment)
 
 
 async def _fetch(services: Services, kind: str, object_id: str) -> Current:
-    """Stripe's current copy, read outside any transaction."""
+    """Stripe's current copy, read outside any transaction. A refund is recorded through the
+    invoice its charge paid, re-read whole, so it lands whether or not the invoice was
+    recorded yet, and no later invoice event can undo it."""
     api = services.stripe
+    invoice_id = object_id if kind in INVOICE_EVENTS else None
     if kind in REFUND_EVENTS:
         charge = await stripe_api.retrieve_charge(api, object_id)
-        if charge is None:
+        invoice_id = await stripe_api.charge_invoice(api, charge) if charge else None
+        if invoice_id is None:
             return Current()
-        return Current(charge=charge, charged_invoice=await stripe_api.charge_invoice(api, charge))
-    invoice = None
-    subscription_id: str | None = object_id
-    if kind in INVOICE_EVENTS:
-        invoice = await stripe_api.retrieve_invoice(api, object_id)
-        # localstripe never sends customer.subscription.updated: a payment's effect on the
-        # subscription (past_due, active again) is read here.
-        subscription_id = stripe_api.invoice_subscription(invoice) if invoice else None
+    if invoice_id is None:
+        return Current(subscription=await stripe_api.retrieve_subscription(api, object_id))
+    invoice = await stripe_api.retrieve_invoice(api, invoice_id)
+    if invoice is None:
+        return Current()
+    payment = await stripe_api.invoice_payment(api, invoice)
+    # localstripe never sends customer.subscription.updated: a payment's effect on the
+    # subscription (past_due, active again) is read here.
+    subscription_id = stripe_api.invoice_subscription(invoice)
     subscription = None
     if subscription_id is not None:
         subscription = await stripe_api.retrieve_subscription(api, subscription_id)
-    return Current(subscription=subscription, invoice=invoice)
+    return Current(subscription=subscription, invoice=invoice, payment=payment)
 
 
 async def _write(conn: AsyncConnection, user_id: str, current: Current, created: int) -> None:
-    if current.charge is not None and current.charged_invoice is not None:
-        await records.save_refund(conn, user_id, current.charged_invoice, current.charge)
     if current.invoice is not None:
         # From API 2025-03-31 invoice lines no longer name their plan: the subscription's is
         # the one the invoice bills.
         plan = stripe_api.subscription_plan(current.subscription) if current.subscription else None
-        await records.save_invoice(conn, user_id, current.invoice, plan)
+        await records.save_invoice(conn, user_id, current.invoice, current.payment, plan)
     if current.subscription is not None:
         await records.save_subscription(conn, user_id, current.subscription, created)
 

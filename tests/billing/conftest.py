@@ -116,6 +116,13 @@ def stripe_webhooks(localstripe_url: str, billing_url: str) -> Iterator[None]:
 
 
 @pytest.fixture
+def no_webhooks(stripe_webhooks: None, localstripe_url: str, billing_url: str) -> None:
+    """No events from localstripe in this test: our own calls and retries must do the work,
+    or the test signs the events it means to send."""
+    silence_webhooks(localstripe_url, billing_url)
+
+
+@pytest.fixture
 async def billing(billing_url: str, sidecar_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The billing API; the sidecar runs too, so plan pushes can be seen where they matter."""
     async with httpx.AsyncClient(base_url=billing_url, timeout=30) as client:

@@ -14,7 +14,10 @@ import httpx
 import jwt
 import stripe
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quota_common.schema import customers
 from tests.servers import Process, free_port
 
 AUTH_SECRET = "test-auth-secret-that-is-long-enough-0123456789"
@@ -161,3 +164,67 @@ async def subscribe(billing: httpx.AsyncClient, user_id: str, plan: str = "PLUS"
     )
     assert reply.status_code == 201, reply.text
     return str(reply.json()["subscription"]["id"])
+
+
+async def three_d_secure_card(stripe_client: stripe.StripeClient) -> str:
+    """A card whose payments need the card holder's 3-D Secure authentication."""
+    card = await stripe_client.v1.payment_methods.create_async(
+        {
+            "type": "card",
+            "card": {"number": "4000002500003155", "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        }
+    )
+    return str(card.id)
+
+
+async def authenticate(localstripe_url: str, client_secret: str) -> None:
+    """What Stripe.js does in the browser once the bank's page says yes (localstripe's hook)."""
+    intent_id = client_secret.split("_secret_")[0]
+    async with httpx.AsyncClient(base_url=localstripe_url, auth=(STRIPE_KEY, "")) as browser:
+        done = await browser.post(
+            f"/v1/payment_intents/{intent_id}/_authenticate",
+            params={"client_secret": client_secret, "success": "true"},
+        )
+    assert done.status_code == 200, done.text
+
+
+async def metric(client: httpx.AsyncClient, sample: str) -> float:
+    """The value of one sample of the process's /metrics (0 when it has none yet)."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith(f"{sample} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def stripe_subscriptions(
+    pg: AsyncEngine, stripe_client: stripe.StripeClient, user_id: str
+) -> list[dict[str, Any]]:
+    """Every subscription Stripe holds for the user's customer, newest first."""
+    async with pg.connect() as conn:
+        customer = await conn.scalar(
+            select(customers.c.stripe_customer_id).where(customers.c.user_id == user_id)
+        )
+    listed = await stripe_client.v1.subscriptions.list_async(
+        {"customer": str(customer), "status": "all"}
+    )
+    return [s.to_dict() for s in listed.data]
+
+
+async def bill_a_renewal(stripe_client: stripe.StripeClient, subscription_id: str) -> Any:
+    """Makes Stripe bill the subscription now, as a renewal would: localstripe bills at once only
+    when the billing interval changes, so it moves to a yearly PLUS plan. The subscription."""
+    await stripe_client.v1.plans.create_async(
+        {
+            "id": "test_plus_yearly",
+            "amount": 9900,
+            "currency": "usd",
+            "interval": "year",
+            "product": {"name": "PLUS yearly"},
+            "metadata": {"quota_plan": "PLUS"},
+        }
+    )
+    current = await stripe_client.v1.subscriptions.retrieve_async(subscription_id)
+    return await stripe_client.v1.subscriptions.update_async(
+        subscription_id,
+        {"items": [{"id": current["items"].data[0].id, "plan": "test_plus_yearly"}]},
+    )

@@ -1,7 +1,7 @@
 """When Redis or Stripe is down: Redis down only delays the push (Postgres keeps the record and
 usage falls back to it); Stripe down is a 503 to retry, and a webhook that could not be
 applied is not remembered, so Stripe's retry applies it; Stripe hanging holds up nobody but
-the users waiting for it."""
+the users waiting for it, and a Stripe call ends at its cap however Stripe answers."""
 
 import asyncio
 import time
@@ -10,12 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import stripe
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing_api import stripe_api
 from quota_common.schema import customers, stripe_events
-from tests.billing.faults import Blackhole
-from tests.billing.helpers import Keys, auth, send_event, start_billing
+from quota_common.settings import Settings
+from tests.billing.faults import Blackhole, Trickle
+from tests.billing.helpers import Keys, auth, metric, send_event, start_billing
 from tests.servers import eventually, free_port
 
 
@@ -101,9 +104,10 @@ async def test_a_hanging_stripe_holds_up_no_other_user(
     keys: Keys,
     stripe_blackhole: Blackhole,
 ) -> None:
-    """More subscribes waiting on Stripe than the billing API has Postgres connections (and a
-    burst from one user queued behind its own): other users' reads and webhooks still answer
-    at once, since no connection is held while Stripe is asked."""
+    """More subscribes waiting on Stripe than the billing API has Postgres connections, and a
+    burst from one user queued behind its own first request: other users' reads and webhooks
+    are answered while every subscribe still waits, since no connection is held while Stripe
+    is asked, and the queued requests of the burst never ask Stripe at all."""
     process, url = start_billing(
         base_env, logs_dir, localstripe_url, keys, STRIPE_API_BASE=stripe_blackhole.url
     )
@@ -115,11 +119,14 @@ async def test_a_hanging_stripe_holds_up_no_other_user(
                 asyncio.create_task(client.post("/api/subscribe", json=body, headers=auth(user)))
                 for user in users
             ]
+            in_progress = 'quota_billing_http_requests_in_progress{route="subscribe"}'
 
-            async def all_asking_stripe() -> bool:
-                return stripe_blackhole.connections >= 25
+            async def all_in() -> bool:
+                return (
+                    stripe_blackhole.connections >= 26 and await metric(client, in_progress) == 30
+                )
 
-            await eventually(all_asking_stripe, 10, "25 subscribes waiting on Stripe")
+            await eventually(all_in, 10, "26 subscribes asking Stripe, 4 queued behind one")
             started = time.monotonic()
             reply = await client.get("/api/subscription", headers=auth("hang-reader"))
             assert reply.status_code == 200
@@ -128,9 +135,29 @@ async def test_a_hanging_stripe_holds_up_no_other_user(
             obj = {"id": "cus_hang", "object": "customer"}
             reply = await send_event(client, "customer.created", obj, "evt_hang")
             assert reply.status_code == 200
-            assert time.monotonic() - started < 1.0
+            # Each subscribe ends only when its Stripe call gives up (20 s): none has yet.
+            assert not any(task.done() for task in pending[:25])
+            assert time.monotonic() - started < 5
+            # 25 users and the burst's first request: the burst's other four wait their turn.
+            assert stripe_blackhole.connections == 26
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
     finally:
         process.kill()
+
+
+async def test_a_stripe_call_ends_at_its_cap_however_slowly_stripe_answers() -> None:
+    """A server that trickles its answer never trips httpx's per-read timeout; the cap on the
+    whole call still ends it, as a connection error (the billing API's 503)."""
+    trickle = await Trickle().start()
+    try:
+        settings = Settings(stripe_api_key="sk_test_cap", stripe_api_base=trickle.url)
+        api = stripe_api.client(settings, call_s=0.5)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            with pytest.raises(stripe.APIConnectionError, match="did not answer within"):
+                await stripe_api.retrieve_subscription(api, "sub_cap")
+        assert time.monotonic() - started >= 0.5
+    finally:
+        await trickle.stop()

@@ -8,9 +8,11 @@ from typing import Any
 
 import httpx
 import pytest
+import stripe
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing_api.http import stripe_failure
 from quota_common.schema import payments
 from tests.billing.helpers import Keys, auth, start_billing
 
@@ -218,3 +220,15 @@ async def test_mutating_routes_are_rate_limited(strict_billing: str) -> None:
             for _ in range(2)
         ]
         assert statuses == [409, 429]
+
+
+def test_an_idempotency_clash_is_a_503_to_retry_not_a_409() -> None:
+    """Stripe's 409 for a key still in use (our keys always carry the same parameters) passes
+    on its own: 503 with Retry-After, since 409 tells a subscriber "already subscribed"."""
+    clash = stripe.IdempotencyError(
+        "There is currently another in-progress request using this Idempotent Key",
+        http_status=409,
+    )
+    failure = stripe_failure(clash)
+    assert failure.status == 503 and failure.code == "payment_provider_unavailable"
+    assert failure.headers is not None and int(failure.headers["Retry-After"]) >= 1

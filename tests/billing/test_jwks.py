@@ -92,28 +92,30 @@ async def test_a_hanging_jwks_delays_no_hs256_token_and_is_fetched_once(
     waiting = [asyncio.create_task(verify(verifier, rs256(keys))) for _ in range(12)]
     await asyncio.sleep(0)
     assert await verify(verifier, token("jwks-hs")) == "jwks-hs"
-    assert time.monotonic() - started < 0.1
+    assert not any(task.done() for task in waiting), "HS256 waited for the JWKS"
     results = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(r, AuthError) for r in results), results
     assert "could not be fetched" in str(results[0])
-    assert time.monotonic() - started < 1.5
+    # One fetch for all twelve: one after another they would take 12 s.
     assert blackhole.connections == 1
+    assert time.monotonic() - started < 6
 
 
 async def test_known_keys_outlive_a_jwks_outage_and_removed_keys_stop_working(
     keys: Keys, jwks_server: JwksServer
 ) -> None:
-    jwks = Jwks(jwks_server.url, cache_s=60, timeout_s=0.5)
+    jwks = Jwks(jwks_server.url, cache_s=60, timeout_s=5)
     verifier = with_jwks(jwks)
     assert await verify(verifier, rs256(keys)) == "jwks-1"
     assert jwks_server.requests == 1
 
     jwks_server.hanging.set()
     age(jwks, 120)
-    started = time.monotonic()
     assert await verify(verifier, rs256(keys)) == "jwks-1"
-    assert time.monotonic() - started < 0.1, "a known key waited for the refresh"
     assert jwks.fetching is not None
+    assert not jwks.fetching.done(), "a known key waited for the refresh"
+    # The provider hangs up without an answer: the refresh fails, the keys stay.
+    jwks_server.released.set()
     await jwks.fetching
     assert jwks_server.requests == 2
     assert await verify(verifier, rs256(keys)) == "jwks-1"
@@ -164,14 +166,14 @@ async def test_the_billing_api_answers_hs256_users_while_its_jwks_hangs(
 
             await eventually(asked, 5, "the JWKS fetch")
             hs = {"Authorization": f"Bearer {token('jwks-hs')}"}
-            before = time.monotonic()
             reply = await client.get("/api/payments", headers=hs)
             assert reply.status_code == 200
-            assert time.monotonic() - before < 0.5
+            assert not any(task.done() for task in waiting), "HS256 waited for the JWKS"
             replies = await asyncio.gather(*waiting)
             assert {r.status_code for r in replies} == {401}
-            # One fetch with a 2 s timeout for all of them, not one after another.
-            assert time.monotonic() - started < 4
+            # One fetch with a 2 s timeout for all of them: one after another they would take
+            # 24 s.
             assert blackhole.connections == 1
+            assert time.monotonic() - started < 12
     finally:
         process.stop()

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.schema import stripe_events, subscriptions
 from tests.api import usage
-from tests.billing.helpers import auth, send_event, sign, subscribe
+from tests.billing.helpers import auth, bill_a_renewal, send_event, sign, subscribe
 
 
 async def subscribed(
@@ -249,8 +249,8 @@ async def test_signed_events_with_odd_fields_are_acknowledged_or_4xx(
         assert reply.json()["applied"] is False
 
 
-async def invoice_charge(stripe_client: stripe.StripeClient, subscription: dict[str, Any]) -> str:
-    invoice = await stripe_client.v1.invoices.retrieve_async(subscription["latest_invoice"])
+async def invoice_charge(stripe_client: stripe.StripeClient, invoice_id: str) -> str:
+    invoice = await stripe_client.v1.invoices.retrieve_async(invoice_id)
     # localstripe's invoices still name their PaymentIntent (API versions before 2025-03-31).
     intent_id = str(invoice.to_dict()["payment_intent"])
     intent = await stripe_client.v1.payment_intents.retrieve_async(intent_id)
@@ -263,7 +263,7 @@ async def test_refunds_partial_then_full_show_in_the_payment_history(
 ) -> None:
     user = "hook-refund"
     subscription = await subscribed(billing, stripe_client, user, "PLUS")
-    charge_id = await invoice_charge(stripe_client, subscription)
+    charge_id = await invoice_charge(stripe_client, subscription["latest_invoice"])
 
     async def refund(cents: int) -> dict[str, Any]:
         await stripe_client.v1.refunds.create_async({"charge": charge_id, "amount": cents})
@@ -293,3 +293,34 @@ async def test_refunds_partial_then_full_show_in_the_payment_history(
         990,
         "PLUS",
     )
+
+
+async def test_a_refund_before_its_invoice_is_recorded_is_kept(
+    billing: httpx.AsyncClient,
+    stripe_client: stripe.StripeClient,
+    no_webhooks: None,
+) -> None:
+    """A renewal is paid and refunded in Stripe before its invoice's own event reaches us:
+    charge.refunded records the payment, refunded, and the late invoice event leaves it so."""
+    user = "hook-refund-first"
+    subscription = await subscribed(billing, stripe_client, user, "PLUS")
+    renewed = await bill_a_renewal(stripe_client, subscription["id"])
+    assert isinstance(renewed.latest_invoice, str)
+    invoice = (await stripe_client.v1.invoices.retrieve_async(renewed.latest_invoice)).to_dict()
+    assert invoice["status"] == "paid"
+    charge_id = await invoice_charge(stripe_client, invoice["id"])
+    await stripe_client.v1.refunds.create_async({"charge": charge_id})
+    charge = (await stripe_client.v1.charges.retrieve_async(charge_id)).to_dict()
+
+    async def renewal() -> tuple[str, int, int]:
+        listed = (await billing.get("/api/payments", headers=auth(user))).json()["payments"]
+        [payment] = [p for p in listed if p["id"] == invoice["id"]]
+        return payment["status"], payment["amount"], payment["amount_refunded"]
+
+    reply = await send_event(billing, "charge.refunded", charge)
+    assert reply.status_code == 200 and reply.json()["applied"] is True, reply.text
+    assert await renewal() == ("refunded", invoice["amount_paid"], invoice["amount_paid"])
+    for kind in ("invoice.paid", "invoice.payment_succeeded"):
+        reply = await send_event(billing, kind, invoice)
+        assert reply.status_code == 200 and reply.json()["applied"] is True, reply.text
+    assert await renewal() == ("refunded", invoice["amount_paid"], invoice["amount_paid"])
