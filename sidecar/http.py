@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +93,7 @@ def repeated_key(raw: bytes, parsed: object) -> str | None:
     """A key that an object of the body repeats (orjson would silently keep the last one).
     Cheap for the usual body: a key whose quoted text occurs once in it cannot be repeated,
     unless escapes could spell it another way; only then is the body parsed again, slowly."""
-    if b"\\" not in raw and all(raw.count(b'"%s"' % key.encode()) == 1 for key in keys_of(parsed)):
+    if b"\\" not in raw and isinstance(parsed, dict) and keys_once(raw, parsed):
         return None
     repeated: list[str] = []
 
@@ -106,14 +106,14 @@ def repeated_key(raw: bytes, parsed: object) -> str | None:
     return repeated[0] if repeated else None
 
 
-def keys_of(value: object) -> Iterator[str]:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from keys_of(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from keys_of(item)
+def keys_once(raw: bytes, parsed: dict[str, object]) -> bool:
+    """Every key of the object (and of objects in it, as metadata is) occurs once in `raw`."""
+    for key, value in parsed.items():
+        if raw.count(b'"%s"' % key.encode()) != 1:
+            return False
+        if isinstance(value, list) or (isinstance(value, dict) and not keys_once(raw, value)):
+            return False
+    return True
 
 
 Handler = Callable[[Call], Awaitable[Answer]]
