@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from benchmarks.apps import NAIVE_TABLE
 from quota_common import db
 from quota_common.accounts import Account
-from quota_common.keys import BUCKETS, SETTLE_GROUP, settle_stream, user_keys
+from quota_common.keys import BUCKETS, SETTLE_GROUP, UserKeys, settle_stream, user_keys
 from quota_common.migrate import create_database_if_missing, upgrade
 from quota_common.periods import calendar_month
 from quota_common.plans import FREE
@@ -126,12 +126,16 @@ def seed_args(quota: int) -> list[Any]:
     return list(account.script_args())
 
 
+def seed_call(user: UserKeys, args: list[Any]) -> Call:
+    return ("seed", [user.state, user.holds], [*args, user.record_prefix])
+
+
 async def seed_users(redis: Redis, prefix: str, count: int, quota: int) -> None:
     """Puts users <prefix>0..<prefix><count-1> in Redis as the sidecar's cold load would."""
     args = seed_args(quota)
     for first in range(0, count, PIPELINE_CHUNK):
         last = min(first + PIPELINE_CHUNK, count)
-        calls = [("seed", [user_keys(f"{prefix}{n}").state], args) for n in range(first, last)]
+        calls = [seed_call(user_keys(f"{prefix}{n}"), args) for n in range(first, last)]
         await run_calls(redis, calls)
 
 

@@ -8,7 +8,8 @@ derived from the record prefix, sits in one slot and the scripts run unchanged o
 State hash fields: plan, quota (tokens of the plan), credits (one-off tokens of this period),
 used, reserved, ps/pe (period start/end, unix seconds), np/nq (plan and quota that take over
 at pe; absent = same plan), al (highest alert threshold fired this period, percent), ex (no
-hold of the user expires before it, unix ms; absent = no hold).
+hold of the user expires before it, unix ms; absent = no hold, since reserve and extend set it
+and only a sweep that leaves no hold removes it).
 
 Scripts name a user's keys in a table k: state, holds, stream, due (the KEYS of the call), user
 (the user id) and prefix (the record prefix q:{bN}:r:<user>/).
@@ -34,8 +35,9 @@ local IDLE_STATE_RETENTION_S = 7 * 86400
 local SWEEP_BATCH_MAX = 256
 local SWEEP_BATCHES_MAX = 4
 
--- Lua 5.1 prints numbers with %.14g (1e+14 for 10^14): answers and stream fields use %d, exact up
--- to 2^53, so a large counter never reaches a caller as an exponent.
+-- Lua 5.1 prints numbers with %.14g (1e+14 for 10^14): the answers the scripts format themselves
+-- (usage.lua's) use %d, exact up to 2^53, so a large counter never reaches a caller as an
+-- exponent. Numbers passed to redis.call are converted by Redis, exactly.
 local function int(x)
   return string.format('%d', x)
 end

@@ -17,8 +17,8 @@ ARGV[7] '1' to charge a reservation Redis has no record of; '0' answers NOT_FOUN
 Returns {code, charged, released, used, reserved, limit, late, plan, ps, pe, held} (late 1 or 0;
 held: the tokens the hold had, 0 when late): OK (0); REPLAYED (1) the first answer;
 or {code} alone: NOT_LOADED (-1); NOT_FOUND (-4) no record (ARGV[7] '0');
-  IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6)
-  refunded, or a refund was answered for its expired hold.
+  IDEMPOTENCY_CONFLICT (-3) committed before with other tokens; ALREADY_REFUNDED (-6).
+A refund of an expired hold settled nothing (the expiry did): a commit after it is late, charged.
 ]]
 local k = {state = KEYS[1], holds = KEYS[2], stream = KEYS[4], due = KEYS[5], user = ARGV[1],
   prefix = ARGV[5]}
@@ -29,13 +29,13 @@ local now = now_ms()
 local s = touch(k, now, false, true)
 if not s then return {NOT_LOADED} end
 
-local r = redis.call('HMGET', record, 's', 'g', 'ct', 'cb', 'md', 'rb')
+local r = redis.call('HMGET', record, 's', 'g', 'ct', 'cb', 'md')
 local status = r[1]
 if status == 'C' then
   if tonumber(r[3]) ~= tokens then return {IDEMPOTENCY_CONFLICT} end
   return replay(REPLAYED, r[4])
 end
-if status == 'R' or r[6] then return {ALREADY_REFUNDED} end
+if status == 'R' then return {ALREADY_REFUNDED} end
 if not status and not charge_unknown then return {NOT_FOUND} end
 
 -- A late commit (expired or unknown) has no hold left: an expired one was already released and

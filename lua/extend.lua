@@ -30,7 +30,8 @@ local status, held, expires = r[1], tonumber(r[2]), tonumber(r[3])
 if not status then return {NOT_FOUND} end
 if status == 'C' then return {ALREADY_COMMITTED} end
 if status == 'R' then return {ALREADY_REFUNDED} end
-if status == 'E' then return {EXPIRED} end
+-- A hold past its expiry that a bounded sweep has not reached yet is expired all the same.
+if status == 'E' or expires <= now then return {EXPIRED} end
 if tokens < held then return {BELOW_HOLD, held} end
 
 local limit = limit_of(s)

@@ -1,4 +1,5 @@
-"""Turning the scripts' answers ("a|b|c" strings, see the headers in lua/) into API bodies."""
+"""Turning the scripts' answers into API bodies: the hot scripts' values ({code, value...}, see
+the headers in lua/) and usage.lua's "a|b|c" string."""
 
 from datetime import UTC, datetime
 from typing import Any

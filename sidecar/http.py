@@ -89,31 +89,51 @@ class Call:
         return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token.encode())
 
 
+# More keys in one object than any body of these routes can have: validation refuses it anyway.
+OBJECT_KEYS_MAX = 32
+
+
 def repeated_key(raw: bytes, parsed: object) -> str | None:
-    """A key that an object of the body repeats (orjson would silently keep the last one).
-    Cheap for the usual body: a key whose quoted text occurs once in it cannot be repeated,
-    unless escapes could spell it another way; only then is the body parsed again, slowly."""
-    if b"\\" not in raw and isinstance(parsed, dict) and keys_once(raw, parsed):
+    """A key that the body or an object in it (metadata) repeats: orjson would silently keep the
+    last one. Only bodies that validation could accept are looked at (an object of objects of
+    at most OBJECT_KEYS_MAX keys each), so the check stays cheap and shallow whatever is sent.
+    A key whose quoted text occurs once in the body cannot be repeated unless escapes could
+    spell it another way; only then is the body parsed again, slowly."""
+    objects = shallow_objects(parsed)
+    if objects is None:
+        return None
+    if b"\\" not in raw and all(
+        raw.count(b'"%s"' % key.encode()) == 1 for o in objects for key in o
+    ):
         return None
     repeated: list[str] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
         names = [name for name, _ in items]
-        repeated.extend(name for name in names if names.count(name) > 1)
+        if len(set(names)) < len(names):
+            repeated.extend(name for name in names if names.count(name) > 1)
         return dict(items)
 
     json.loads(raw, object_pairs_hook=pairs)
     return repeated[0] if repeated else None
 
 
-def keys_once(raw: bytes, parsed: dict[str, object]) -> bool:
-    """Every key of the object (and of objects in it, as metadata is) occurs once in `raw`."""
-    for key, value in parsed.items():
-        if raw.count(b'"%s"' % key.encode()) != 1:
-            return False
-        if isinstance(value, list) or (isinstance(value, dict) and not keys_once(raw, value)):
-            return False
-    return True
+def shallow_objects(parsed: object) -> list[dict[str, Any]] | None:
+    """The body and the objects directly in it, when the body is an object whose values are
+    scalars or objects of scalars, each of a size validation allows; otherwise None."""
+    if not isinstance(parsed, dict) or len(parsed) > OBJECT_KEYS_MAX:
+        return None
+    objects = [parsed]
+    for value in parsed.values():
+        if isinstance(value, list):
+            return None
+        if isinstance(value, dict):
+            if len(value) > OBJECT_KEYS_MAX or any(
+                isinstance(item, dict | list) for item in value.values()
+            ):
+                return None
+            objects.append(value)
+    return objects
 
 
 Handler = Callable[[Call], Awaitable[Answer]]

@@ -85,8 +85,15 @@ class Ledger:
         if task is None:
             task = asyncio.create_task(self._load(user))
             self._loading[user.user_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(user.user_id, None))
+            task.add_done_callback(lambda done: self._loaded(user.user_id, done))
         await asyncio.shield(task)
+
+    def _loaded(self, user_id: str, task: "asyncio.Task[None]") -> None:
+        self._loading.pop(user_id, None)
+        # Every caller may have given up (cancelled) meanwhile: the failure is theirs to hear,
+        # and must not be reported as "never retrieved".
+        if not task.cancelled():
+            task.exception()
 
     async def _load(self, user: UserKeys) -> None:
         # The period by Redis' clock, which the scripts roll it by: at a period's end a load
@@ -94,7 +101,8 @@ class Ledger:
         now = await redis_now(self.redis)
         async with self.engine.connect() as conn:
             account = await load_account(conn, user.user_id, self.plans, now)
-        if not await self.call(SCRIPTS["seed"], [user.state], account.script_args()):
+        seed_args = [*account.script_args(), user.record_prefix]
+        if not await self.call(SCRIPTS["seed"], [user.state, user.holds], seed_args):
             return
         metrics.COLD_LOADS.inc()
         # A plan change committed while we read found no state to update and was not applied:

@@ -15,7 +15,7 @@ cluster, redis-py's cluster pipeline routes each call by its key.
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +37,25 @@ class ScriptCall:
     deadline: float = 0.0
 
 
+# Calls written to Redis and not answered yet, at most: a burst beyond waits for replies, so
+# what is in flight always fits in a deadline (about 25 us of Redis each, 50 ms).
+IN_FLIGHT_MAX = 512
+# Replies meaning the server cannot take writes any more (now a replica after a failover, or
+# its master is gone): a new connection, through the address again, may reach the new master.
+RECONNECT_CODES = ("READONLY", "MASTERDOWN")
+
+
 class RedisLink(asyncio.Protocol):
     """One Redis connection: calls are written as they come and replies matched to them in the
     order Redis answers. A call not answered by its deadline fails every call in flight and
     closes the link (a half-read reply must never answer the next call)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout_s: float, on_replies: Callable[[], None]
+    ) -> None:
         self.loop = loop
         self.timeout_s = timeout_s
+        self.on_replies = on_replies
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.transport: asyncio.Transport | None = None
         self.in_flight: deque[ScriptCall] = deque()
@@ -54,6 +65,10 @@ class RedisLink(asyncio.Protocol):
     @property
     def alive(self) -> bool:
         return self.transport is not None
+
+    @property
+    def room(self) -> int:
+        return IN_FLIGHT_MAX - len(self.in_flight)
 
     def take_over(self, connection: AbstractConnection) -> None:
         """Moves a connected redis-py connection's socket to this protocol."""
@@ -94,15 +109,19 @@ class RedisLink(asyncio.Protocol):
                 self.fail(ConnectionError(f"Redis sent a malformed reply: {error}"))
                 return
             if reply is False:
-                return
+                break
             if not self.in_flight:
                 self.fail(ConnectionError("Redis sent a reply nobody asked for"))
                 return
             call = self.in_flight.popleft()
             if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
                 self.resend_with_source(call)
-            else:
-                settle(call.future, reply_or_failure(reply))
+                continue
+            settle(call.future, reply_or_failure(reply))
+            if isinstance(reply, ResponseError) and str(reply).startswith(RECONNECT_CODES):
+                self.fail(ConnectionError(f"Redis cannot take writes here: {reply}"))
+                return
+        self.on_replies()
 
     def resend_with_source(self, call: ScriptCall) -> None:
         # NOSCRIPT means the script did not run: sending it again cannot apply it twice.
@@ -113,15 +132,19 @@ class RedisLink(asyncio.Protocol):
         )
         self.in_flight.append(call)
 
-    def check_deadline(self) -> None:
+    def check_deadline(self, confirmed: bool = False) -> None:
         self.timer = None
         if not self.in_flight:
             return
         deadline = self.in_flight[0].deadline
-        if self.loop.time() >= deadline:
-            self.fail(TimeoutError(f"Redis did not answer within {self.timeout_s:g} s"))
-        else:
+        if self.loop.time() < deadline:
             self.timer = self.loop.call_at(deadline, self.check_deadline)
+        elif not confirmed:
+            # uvloop runs due timers before it reads sockets: after a stall of the loop the
+            # replies may be waiting unread. A timer a millisecond on runs after the next read.
+            self.timer = self.loop.call_later(0.001, self.check_deadline, True)
+        else:
+            self.fail(TimeoutError(f"Redis did not answer within {self.timeout_s:g} s"))
 
     def fail(self, error: Exception) -> None:
         transport, self.transport = self.transport, None
@@ -144,6 +167,7 @@ class ScriptPipeline:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.link: RedisLink | None = None
         self.opening: asyncio.Task[None] | None = None
+        self.cluster_batches: set[asyncio.Task[None]] = set()
 
     async def call(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         loop = self.loop
@@ -155,6 +179,12 @@ class ScriptPipeline:
             self.flush_scheduled = True
             loop.call_soon(self.flush)
         return await future
+
+    def schedule_flush(self) -> None:
+        """After replies: calls that waited for room in flight go now."""
+        if self.pending and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -168,10 +198,15 @@ class ScriptPipeline:
             for call in calls:
                 by_master.setdefault(master_of(self.redis, call.keys[0]), []).append(call)
             for group in by_master.values():
-                self.running_loop().create_task(self.over_cluster(group))
+                task = self.running_loop().create_task(self.over_cluster(group))
+                # The loop keeps tasks weakly: a batch in flight must not be collected.
+                self.cluster_batches.add(task)
+                task.add_done_callback(self.cluster_batches.discard)
         elif self.link is not None and self.link.alive:
-            calls, self.pending = self.pending, []
-            self.link.send(calls)
+            room = self.link.room
+            if room > 0:
+                calls, self.pending = self.pending[:room], self.pending[room:]
+                self.link.send(calls)
         elif self.opening is None:
             self.opening = self.running_loop().create_task(self.open_link())
 
@@ -198,7 +233,7 @@ class ScriptPipeline:
             with contextlib.suppress(Exception):
                 await connection.disconnect(nowait=True)
             raise
-        link = RedisLink(self.running_loop(), self.timeout_s)
+        link = RedisLink(self.running_loop(), self.timeout_s, self.schedule_flush)
         link.take_over(connection)
         return link
 
@@ -209,13 +244,20 @@ class ScriptPipeline:
         try:
             async with asyncio.timeout(self.timeout_s):
                 results = await pipe.execute(raise_on_error=False)
-            for call, result in zip(calls, results, strict=True):
-                if isinstance(result, NoScriptError):
-                    result = await call.script(self.redis, list(call.keys), list(call.args))
-                settle(call.future, reply_or_failure(result))
+                for call, result in zip(calls, results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        result = await self.loaded_again(call)
+                    settle(call.future, reply_or_failure(result))
         except Exception as error:
             for call in calls:
                 settle(call.future, error)
+
+    async def loaded_again(self, call: ScriptCall) -> Any:
+        """The call after NOSCRIPT, with the script sent again; its error reply is its answer."""
+        try:
+            return await call.script(self.redis, list(call.keys), list(call.args))
+        except ResponseError as error:
+            return error
 
     def running_loop(self) -> asyncio.AbstractEventLoop:
         return self.loop or asyncio.get_running_loop()

@@ -36,7 +36,7 @@ class Reaper:
         due = await pipe.execute()
         semaphore = asyncio.Semaphore(REAP_CONCURRENCY)
 
-        async def sweep(bucket: int, user: bytes) -> bool:
+        async def sweep(user: bytes) -> bool:
             user_id = user.decode()
             user_keys = keys.user_keys(user_id)
             async with semaphore:
@@ -46,14 +46,11 @@ class Reaper:
                     [user_id, user_keys.record_prefix],
                 )
                 if code == Code.NOT_LOADED:
-                    # Redis lost the user (its holds went with it): nothing left to sweep.
-                    await self.redis.zrem(keys.due_set(bucket), user)
+                    # Redis lost the user: the script dropped its due entry, nothing to sweep.
                     return False
             return True
 
-        results = await asyncio.gather(
-            *(sweep(bucket, user) for bucket, users in enumerate(due) for user in users)
-        )
+        results = await asyncio.gather(*(sweep(user) for users in due for user in users))
         swept = sum(results)
         if swept:
             metrics.REAPED.inc(swept)

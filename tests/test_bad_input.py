@@ -132,12 +132,20 @@ async def chunks(data: bytes) -> AsyncIterator[bytes]:
         yield data[start : start + 8192]
 
 
+# Shapes that once reached code beyond validation: nesting past Python's recursion limit, and
+# thousands of keys for the repeated-key check.
+DEEP = b'{"user_id": "victim", "tokens": 1, "metadata": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001
+MANY_KEYS = b"{" + b",".join(b'"k%d": 1' % i for i in range(6000)) + b"}"
+
 RAW: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
     ("POST", "/v1/reserve", b"{not json", JSON, 400, "invalid_json"),
     ("POST", "/v1/reserve", b"", JSON, 400, "invalid_json"),
     ("POST", "/v1/reserve", b'{"user_id": "victim", "tokens": 10', JSON, 400, "invalid_json"),
     ("POST", "/v1/reserve", b"\xff\xfe", JSON, 400, "invalid_json"),
     ("POST", "/v1/commit", b"NaN", JSON, 400, "invalid_json"),
+    ("POST", "/v1/reserve", DEEP, JSON, 422, "validation_error"),
+    ("POST", "/v1/reserve", b"[" * 1000 + b"]" * 1000, JSON, 422, "validation_error"),
+    ("POST", "/v1/reserve", MANY_KEYS, JSON, 422, "validation_error"),
     # A repeated key is a client's typo: orjson would keep the last one silently.
     (
         "POST",

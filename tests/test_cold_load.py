@@ -131,11 +131,12 @@ async def test_reseeding_never_inflates_the_counters(
     assert (await commit(http, "again", "a", 200))[0] == 200
     before = await hash_of(redis, user_keys("again").state)
     # Seeding again (a second process losing the race, or a retried load) sets nothing.
-    state = user_keys("again").state
+    keys = user_keys("again")
+    state = keys.state
     ps, pe = before[b"ps"].decode(), before[b"pe"].decode()
-    args = ["FREE", LIMIT, 0, 1000, ps, pe, "", ""]
-    assert await SCRIPTS["seed"](redis, [state], args) == 0
-    assert await SCRIPTS["seed"](redis, [state], args) == 0
+    args = ["FREE", LIMIT, 0, 1000, ps, pe, "", "", keys.record_prefix]
+    assert await SCRIPTS["seed"](redis, [state, keys.holds], args) == 0
+    assert await SCRIPTS["seed"](redis, [state, keys.holds], args) == 0
     assert await hash_of(redis, state) == before
     now = await usage(http, "again")
     assert (now["used"], now["reserved"]) == (1200, 0)
@@ -186,3 +187,18 @@ async def test_cancel_at_period_end_falls_back_to_free_at_the_end(
     # A canceled subscription whose end has passed is FREE from the first load.
     await subscribe(pg, "gone2", now - timedelta(days=40), now - timedelta(days=10), True)
     assert (await usage(http, "gone2"))["plan"] == "FREE"
+
+
+async def test_holds_that_outlive_the_state_still_count(
+    http: httpx.AsyncClient, redis: Redis, pg: AsyncEngine
+) -> None:
+    """The state hash is lost (deleted by hand) while a hold survives: the cold load counts the
+    hold again, so nothing is granted twice and its commit settles it as usual."""
+    await seed_used(pg, "orphan", LIMIT - 1000)
+    assert (await reserve(http, "orphan", 600, reservation_id="kept"))[0] == 200
+    await redis.delete(user_keys("orphan").state)
+    status, body = await reserve(http, "orphan", 1000)
+    assert status == 429 and body["reserved"] == 600 and body["remaining"] == 400
+    status, body = await commit(http, "orphan", "kept", 600)
+    assert status == 200 and body["reserved"] == 0 and body["late"] is False
+    assert (await usage(http, "orphan"))["remaining"] == 400

@@ -26,8 +26,8 @@ def this_month() -> tuple[int, int]:
 
 async def seed(redis: Redis, user: UserKeys, used: int = 0, credits: int = 0) -> None:
     ps, pe = this_month()
-    args = ["FREE", 1000, credits, used, ps, pe, "", ""]
-    assert await SCRIPTS["seed"](redis, [user.state], args) == 1
+    args = ["FREE", 1000, credits, used, ps, pe, "", "", user.record_prefix]
+    assert await SCRIPTS["seed"](redis, [user.state, user.holds], args) == 1
 
 
 async def field(redis: Redis, user: UserKeys, name: str) -> bytes | None:

@@ -266,16 +266,16 @@ async def test_commit_metadata_is_merged_over_the_reservation_s(
     assert json.loads(entry[b"md"]) == {"conversation_id": "c1", "model": "large", "n": 'ü/"'}
 
 
-async def test_a_commit_after_the_refund_of_an_expired_hold_is_refused(
+async def test_refund_of_expired_hold_replays_after_a_late_commit(
     http: httpx.AsyncClient, redis: Redis
 ) -> None:
-    """The refund told the client the call failed; a commit afterwards contradicts it (DESIGN:
-    after a refund, 409 already_refunded), even though the hold had expired first."""
+    """A refund of an expired hold settles nothing (the expiry did) and says so; a commit after
+    it is a late commit, charged (usage that happened is never dropped); the refund replays."""
     await expired_hold(http, "u1", "r1", 1000)
     status, first = await refund(http, "u1", "r1")
     assert status == 200 and first["status"] == "expired"
-    status, body = await commit(http, "u1", "r1", 300)
-    assert status == 409 and body["error"]["code"] == "already_refunded"
-    assert (await usage(http, "u1"))["used"] == 0
+    status, late = await commit(http, "u1", "r1", 300)
+    assert status == 200 and late["late"] is True and late["charged"] == 300
+    assert (await usage(http, "u1"))["used"] == 300
     status, again = await refund(http, "u1", "r1")
     assert status == 200 and again["replayed"] is True and again["status"] == "expired"
