@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
-from quota_common.schema import usage_totals
+from quota_common.schema import subscriptions, usage_totals
 
 
 @asynccontextmanager
@@ -50,6 +50,23 @@ async def seed_used(pg: AsyncEngine, user_id: str, tokens: int) -> None:
     async with pg.begin() as conn:
         await conn.execute(
             insert(usage_totals).values(user_id=user_id, period_start=start, tokens_charged=tokens)
+        )
+
+
+async def record_subscription(
+    pg: AsyncEngine, user_id: str, plan: str, start: datetime, end: datetime, **fields: object
+) -> None:
+    """An active subscription row as the billing API records it (no Stripe behind it)."""
+    async with pg.begin() as conn:
+        await conn.execute(
+            insert(subscriptions).values(
+                user_id=user_id,
+                plan=plan,
+                status="active",
+                current_period_start=start,
+                current_period_end=end,
+                **fields,
+            )
         )
 
 

@@ -12,17 +12,17 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common import settings as settings_module
 from quota_common.keys import user_keys
 from quota_common.periods import rfc3339
 from quota_common.plans import catalogue
-from quota_common.schema import admin_audit, credit_grants, subscriptions, usage_totals
+from quota_common.schema import admin_audit, credit_grants, usage_totals
 from sync_worker.plans import PlanSync
 from tests.api import commit, reserve, usage
-from tests.books import seed_used, snapshot
+from tests.books import record_subscription, seed_used, snapshot
 from tests.conftest import start_sidecar
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -172,16 +172,7 @@ async def subscribe_pro(pg: AsyncEngine, user_id: str) -> datetime:
     """A PRO subscription recorded in Postgres that no push has brought to Redis yet (no
     worker runs here); returns its period start."""
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
-    async with pg.begin() as conn:
-        await conn.execute(
-            insert(subscriptions).values(
-                user_id=user_id,
-                plan="PRO",
-                status="active",
-                current_period_start=start,
-                current_period_end=start + timedelta(days=30),
-            )
-        )
+    await record_subscription(pg, user_id, "PRO", start, start + timedelta(days=30))
     return start
 
 

@@ -17,7 +17,7 @@ from quota_common.periods import calendar_month, rfc3339
 from quota_common.schema import credit_grants, subscriptions, usage_totals
 from quota_common.scripts import SCRIPTS
 from tests.api import commit, reserve, usage
-from tests.books import assert_books_balance, hash_of, seed_used, set_fields
+from tests.books import assert_books_balance, hash_of, record_subscription, seed_used, set_fields
 from tests.conftest import start_sidecar
 
 LIMIT = 100_000
@@ -146,17 +146,9 @@ async def test_reseeding_never_inflates_the_counters(
 async def subscribe(
     pg: AsyncEngine, user: str, start: datetime, end: datetime, cancel_at_period_end: bool = False
 ) -> None:
-    async with pg.begin() as conn:
-        await conn.execute(
-            insert(subscriptions).values(
-                user_id=user,
-                plan="PLUS",
-                status="active",
-                current_period_start=start,
-                current_period_end=end,
-                cancel_at_period_end=cancel_at_period_end,
-            )
-        )
+    await record_subscription(
+        pg, user, "PLUS", start, end, cancel_at_period_end=cancel_at_period_end
+    )
 
 
 async def test_paid_period_not_yet_renewed_repeats_its_length(

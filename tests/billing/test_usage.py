@@ -12,9 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common.keys import user_keys
 from quota_common.periods import calendar_month
-from quota_common.schema import subscriptions, usage_alerts, usage_events
+from quota_common.schema import usage_alerts, usage_events
 from tests.api import commit, reserve
 from tests.billing.helpers import auth
+from tests.books import record_subscription
 
 
 async def test_a_new_user_has_free_usage_and_nothing_is_seeded(
@@ -172,17 +173,8 @@ async def test_the_default_history_counts_this_period_only(
     end, before = start + timedelta(days=30), start - timedelta(days=30)
     previous = {**event(user, "old", 500, start - timedelta(hours=1)), "period_start": before}
     first = {**event(user, "new", 70, start + timedelta(hours=1)), "period_start": start}
+    await record_subscription(pg, user, "PLUS", start, end, stripe_subscription_id="sub_use5")
     async with pg.begin() as conn:
-        await conn.execute(
-            insert(subscriptions).values(
-                user_id=user,
-                stripe_subscription_id="sub_use5",
-                plan="PLUS",
-                status="active",
-                current_period_start=start,
-                current_period_end=end,
-            )
-        )
         await conn.execute(insert(usage_events), [previous, first])
     body = (await billing.get("/api/usage/history", headers=auth(user))).json()
     assert body["from"] == start.date().isoformat()
