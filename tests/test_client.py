@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quota_common.keys import user_keys
 from sidecar.client import QuotaClient, QuotaError, QuotaExceeded, QuotaUnavailable
 from tests.api import reserve, usage
 from tests.books import assert_books_balance, crowd, seed_used
@@ -186,7 +187,12 @@ async def test_cancelled_requests_leak_no_hold(
                 cut.append(i)
 
         tasks = [asyncio.create_task(impatient(i)) for i in range(calls)]
-        await asyncio.sleep(0.03)
+
+        async def some_held() -> bool:
+            return await redis.zcard(user_keys("flaky").holds) > 0
+
+        # Cancelled once reserves are reaching Redis: some got there, others are on their way.
+        await eventually(some_held, 10, "the first reserves to reach Redis", interval_s=0.002)
         for task in tasks[::3]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.api import commit, refund, reserve, usage
 from tests.books import assert_books_balance, crowd, seed_used
+from tests.servers import eventually
 
 
 async def test_script_flush_mid_run_costs_no_call(
@@ -31,10 +32,15 @@ async def test_script_flush_mid_run_costs_no_call(
         statuses.append(status)
 
     async def flusher() -> None:
-        # The script cache is server-wide (other databases' users share it): a few flushes.
-        for _ in range(5):
+        # The script cache is server-wide (other databases' users share it): a few flushes,
+        # each once the traffic has answered more calls since the last one.
+        for flush in range(5):
             await redis.script_flush()
-            await asyncio.sleep(0.02)
+
+            async def progressed(answered: int = 40 * (flush + 1)) -> bool:
+                return len(statuses) >= answered
+
+            await eventually(progressed, 30, "calls answered since the last flush")
 
     async with crowd(sidecar_url) as clients:
         await asyncio.gather(*(chat(i, clients[i % len(clients)]) for i in range(300)), flusher())
