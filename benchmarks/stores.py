@@ -145,13 +145,13 @@ async def seed_users(redis: Redis, prefix: str, count: int, quota: int) -> None:
 
 def reserve_call(user_id: str, reservation_id: str, tokens: int) -> tuple[list[str], list[Any]]:
     user = user_keys(user_id)
-    keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+    keys = user.reservation_keys(reservation_id)
     return keys, [user_id, reservation_id, tokens, 0, HOLD_TTL_MS, "", user.record_prefix]
 
 
 def commit_call(user_id: str, reservation_id: str, tokens: int) -> tuple[list[str], list[Any]]:
     user = user_keys(user_id)
-    keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+    keys = user.reservation_keys(reservation_id)
     return keys, [user_id, reservation_id, tokens, "", user.record_prefix, THRESHOLDS]
 
 

@@ -27,7 +27,7 @@ GROUPS_MAX = 100
 async def _live(services: Services, user_id: str) -> list[str] | None:
     """The sidecar's numbers; None when Redis does not hold the user."""
     keys = user_keys(user_id)
-    script_keys = [keys.state, keys.holds, keys.stream, keys.due]
+    script_keys = keys.state_keys()
     args = [user_id, keys.record_prefix]
     code, answer = await SCRIPTS["usage"](services.redis, script_keys, args)
     if code != Code.OK:

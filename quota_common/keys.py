@@ -55,6 +55,14 @@ class UserKeys:
     def record(self, reservation_id: str) -> str:
         return self.record_prefix + reservation_id
 
+    def reservation_keys(self, reservation_id: str) -> list[str]:
+        """KEYS of the scripts on one reservation (reserve, extend, commit, refund)."""
+        return [self.state, self.holds, self.record(reservation_id), self.stream, self.due]
+
+    def state_keys(self) -> list[str]:
+        """KEYS of the scripts on the user's state alone (usage, grant, reset)."""
+        return [self.state, self.holds, self.stream, self.due]
+
 
 @functools.lru_cache(maxsize=65_536)
 def user_keys(user_id: str) -> UserKeys:

@@ -121,7 +121,7 @@ class Ledger:
         ttl_ms: int,
         metadata: str,
     ) -> tuple[Code, list[Any]]:
-        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        keys = user.reservation_keys(reservation_id)
         args = [
             user.user_id,
             reservation_id,
@@ -136,14 +136,14 @@ class Ledger:
     async def extend(
         self, user: UserKeys, reservation_id: str, tokens: int, ttl_ms: int
     ) -> tuple[Code, list[Any]]:
-        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        keys = user.reservation_keys(reservation_id)
         args = [user.user_id, reservation_id, tokens, ttl_ms, user.record_prefix]
         return await self.run(SCRIPTS["extend"], user, keys, args)
 
     async def commit(
         self, user: UserKeys, reservation_id: str, tokens: int, metadata: str
     ) -> tuple[Code, list[Any]]:
-        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        keys = user.reservation_keys(reservation_id)
         args = [user.user_id, reservation_id, tokens, metadata, user.record_prefix, self.thresholds]
         code, answer = await self.run(SCRIPTS["commit"], user, keys, [*args, "0"])
         if code != Code.NOT_FOUND:
@@ -174,7 +174,7 @@ class Ledger:
         return await self.run(SCRIPTS["commit"], user, keys, [*args, "1"])
 
     async def refund(self, user: UserKeys, reservation_id: str) -> tuple[Code, list[Any]]:
-        keys = [user.state, user.holds, user.record(reservation_id), user.stream, user.due]
+        keys = user.reservation_keys(reservation_id)
         args = [user.user_id, reservation_id, user.record_prefix]
         code, answer = await self.run(SCRIPTS["refund"], user, keys, args)
         if code != Code.NOT_FOUND:
@@ -225,7 +225,7 @@ class Ledger:
         self, script: LuaScript, user: UserKeys, *extra: Any
     ) -> tuple[Code, str]:
         """Runs a script of the usage.lua shape (usage, grant, reset): {code, "a|b|c"}."""
-        keys = [user.state, user.holds, user.stream, user.due]
+        keys = user.state_keys()
         code, values = await self.run(
             script, user, keys, [user.user_id, user.record_prefix, *extra]
         )

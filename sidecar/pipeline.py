@@ -114,12 +114,17 @@ class RedisLink(asyncio.Protocol):
                 self.fail(ConnectionError("Redis sent a reply nobody asked for"))
                 return
             call = self.in_flight.popleft()
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+            if not isinstance(reply, ResponseError):
+                if not call.future.done():
+                    call.future.set_result(reply)
+                continue
+            message = str(reply)
+            if message.startswith("NOSCRIPT"):
                 self.resend_with_source(call)
                 continue
             settle(call.future, reply_or_failure(reply))
-            if isinstance(reply, ResponseError) and str(reply).startswith(RECONNECT_CODES):
-                self.fail(ConnectionError(f"Redis cannot take writes here: {reply}"))
+            if message.startswith(RECONNECT_CODES):
+                self.fail(ConnectionError(f"Redis cannot take writes here: {message}"))
                 return
         self.on_replies()
 

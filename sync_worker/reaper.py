@@ -42,7 +42,7 @@ class Reaper:
             async with semaphore:
                 code, _ = await SCRIPTS["usage"](
                     self.redis,
-                    [user_keys.state, user_keys.holds, user_keys.stream, user_keys.due],
+                    user_keys.state_keys(),
                     [user_id, user_keys.record_prefix],
                 )
                 if code == Code.NOT_LOADED:

@@ -72,14 +72,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def on_record(self, name: str, rid: str, *args: str | int) -> tuple[int, str]:
         u = self.user
-        keys = [u.state, u.holds, u.record(rid), u.stream, u.due]
+        keys = u.reservation_keys(rid)
         return self.run(name, keys, [u.user_id, rid, *args])
 
     def on_state(self, name: str, *args: str | int) -> tuple[int, str]:
         u = self.user
-        return self.run(
-            name, [u.state, u.holds, u.stream, u.due], [u.user_id, u.record_prefix, *args]
-        )
+        return self.run(name, u.state_keys(), [u.user_id, u.record_prefix, *args])
 
     @initialize()
     def seed(self) -> None:

@@ -37,38 +37,34 @@ def joined(reply: list[Any]) -> tuple[int, str]:
     return int(reply[0]), "|".join(values)
 
 
-def hold_keys(user: UserKeys, rid: str) -> list[str]:
-    return [user.state, user.holds, user.record(rid), user.stream, user.due]
-
-
 async def reserve(
     redis: Redis, user: UserKeys, rid: str, tokens: int, min_tokens: int = 0, ttl_ms: int = 60_000
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, min_tokens, ttl_ms, "", user.record_prefix]
-    return joined(await SCRIPTS["reserve"](redis, hold_keys(user, rid), args))
+    return joined(await SCRIPTS["reserve"](redis, user.reservation_keys(rid), args))
 
 
 async def commit(
     redis: Redis, user: UserKeys, rid: str, tokens: int, md: str = "", charge_unknown: str = "1"
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, md, user.record_prefix, THRESHOLDS, charge_unknown]
-    return joined(await SCRIPTS["commit"](redis, hold_keys(user, rid), args))
+    return joined(await SCRIPTS["commit"](redis, user.reservation_keys(rid), args))
 
 
 async def refund(redis: Redis, user: UserKeys, rid: str) -> tuple[int, str]:
     args = [user.user_id, rid, user.record_prefix]
-    return joined(await SCRIPTS["refund"](redis, hold_keys(user, rid), args))
+    return joined(await SCRIPTS["refund"](redis, user.reservation_keys(rid), args))
 
 
 async def extend(
     redis: Redis, user: UserKeys, rid: str, tokens: int, ttl_ms: int = 0
 ) -> tuple[int, str]:
     args = [user.user_id, rid, tokens, ttl_ms, user.record_prefix]
-    return joined(await SCRIPTS["extend"](redis, hold_keys(user, rid), args))
+    return joined(await SCRIPTS["extend"](redis, user.reservation_keys(rid), args))
 
 
 async def on_state(redis: Redis, name: str, user: UserKeys, *extra: Any) -> tuple[int, str]:
-    keys = [user.state, user.holds, user.stream, user.due]
+    keys = user.state_keys()
     code, answer = await SCRIPTS[name](redis, keys, [user.user_id, user.record_prefix, *extra])
     return int(code), answer.decode()
 
@@ -278,7 +274,7 @@ async def test_scripts_recover_from_script_flush(redis: Redis) -> None:
 
 def test_every_key_of_a_call_shares_one_hash_slot() -> None:
     u = user_keys("someone@example.com")
-    tags = {key.split("{", 1)[1].split("}", 1)[0] for key in hold_keys(u, "rid")}
+    tags = {key.split("{", 1)[1].split("}", 1)[0] for key in u.reservation_keys("rid")}
     assert len(tags) == 1
     for script in SCRIPTS.values():
         assert "redis.call('KEYS'" not in script.source, script.name

@@ -184,7 +184,7 @@ async def test_apply_plan_of_another_current_period_takes_postgres_usage_and_cre
 
 
 async def on_state(redis: Redis, name: str, user: UserKeys, *extra: Any) -> tuple[int, list[str]]:
-    keys_ = [user.state, user.holds, user.stream, user.due]
+    keys_ = user.state_keys()
     code, answer = await SCRIPTS[name](redis, keys_, [user.user_id, user.record_prefix, *extra])
     return int(code), answer.decode().split("|") if answer else []
 

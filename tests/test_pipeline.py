@@ -40,7 +40,7 @@ async def calls(redis_seeded: None) -> AsyncIterator[ScriptPipeline]:
 
 async def usage(calls: ScriptPipeline, n: int) -> list[object]:
     user = user_keys(f"p{n}")
-    keys = [user.state, user.holds, user.stream, user.due]
+    keys = user.state_keys()
     reply: list[object] = await calls.call(
         SCRIPTS["usage"], keys, [user.user_id, user.record_prefix]
     )
