@@ -97,14 +97,13 @@ def repeated_key(raw: bytes, parsed: object) -> str | None:
     """A key that the body or an object in it (metadata) repeats: orjson would silently keep the
     last one. Only bodies that validation could accept are looked at (an object of objects of
     at most OBJECT_KEYS_MAX keys each), so the check stays cheap and shallow whatever is sent.
-    A key whose quoted text occurs once in the body cannot be repeated unless escapes could
-    spell it another way; only then is the body parsed again, slowly."""
+    Without escapes no string holds a quote, so every `":` in the body ends a key: as many as
+    the parsed objects have keys means none was repeated. Otherwise (escapes, or spaces before
+    a colon) the body is parsed again, slowly."""
     objects = shallow_objects(parsed)
     if objects is None:
         return None
-    if b"\\" not in raw and all(
-        raw.count(b'"%s"' % key.encode()) == 1 for o in objects for key in o
-    ):
+    if b"\\" not in raw and raw.count(b'":') == sum(map(len, objects)):
         return None
     repeated: list[str] = []
 
@@ -142,7 +141,8 @@ Handler = Callable[[Call], Awaitable[Answer]]
 async def send_answer(send: Send, answer: Answer) -> None:
     payload = orjson.dumps(answer.body)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    headers += [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()]
+    if answer.headers:
+        headers += [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
@@ -182,8 +182,7 @@ class Endpoint:
         self.handler = handler
         self.methods = frozenset(methods)
         self.token = token
-        self.latency = metrics.LATENCY.labels(route)
-        self.counts: dict[int, Any] = {}
+        self.metrics = metrics.HOT.route(route)
         # An outage answers thousands of 503s a second: one log line a second tells as much.
         self.unavailable_log = EverySecond()
 
@@ -191,13 +190,7 @@ class Endpoint:
         started = time.perf_counter()
         answer = await self.answer(scope, receive)
         await send_answer(send, answer)
-        count = self.counts.get(answer.status)
-        if count is None:
-            count = self.counts[answer.status] = metrics.REQUESTS.labels(
-                self.route, str(answer.status)
-            )
-        count.inc()
-        self.latency.observe(time.perf_counter() - started)
+        self.metrics.observe(answer.status, time.perf_counter() - started)
 
     async def answer(self, scope: Scope, receive: Receive) -> Answer:
         if scope["method"] not in self.methods:

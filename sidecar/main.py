@@ -47,4 +47,4 @@ def main() -> None:
     except settings_module.SettingsError as error:
         settings_module.exit_bad_setting("quota-sidecar", error)
     logs.setup(settings.log_level)
-    serve(create_app(settings), sock, settings.sidecar_uds, KEEP_ALIVE_S)
+    serve(create_app(settings), sock, settings.sidecar_uds, KEEP_ALIVE_S, proxy_headers=False)

@@ -9,8 +9,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from sidecar.http import repeated_key
 from tests.api import reserve
 from tests.books import snapshot
 
@@ -321,3 +324,29 @@ async def test_a_request_httptools_cannot_parse_gets_a_json_400(
     assert head.startswith(b"HTTP/1.1 400"), answer
     assert b"content-type: application/json" in head.lower()
     assert orjson.loads(body)["error"]["code"] == "bad_request"
+
+
+KEYS = st.sampled_from(["user_id", "tokens", "metadata", 'say "hi"', "a\\b", "é", "x:", ""])
+TEXTS = st.sampled_from(["", "tokens", '":', 'x": 1, "tokens', "\\", "é"])
+SEPARATORS = st.sampled_from([b":", b" : ", b":\t"])
+
+
+def object_text(pairs: list[tuple[str, bytes]], colon: bytes) -> bytes:
+    return b"{" + b",".join(json.dumps(key).encode() + colon + value for key, value in pairs) + b"}"
+
+
+@given(
+    st.lists(st.tuples(KEYS, TEXTS), max_size=5),
+    st.lists(st.tuples(KEYS, st.one_of(TEXTS, st.integers())), max_size=6),
+    SEPARATORS,
+)
+def test_a_repeated_key_is_found_exactly_when_the_body_repeats_one(
+    metadata: list[tuple[str, str]], fields: list[tuple[str, str | int]], colon: bytes
+) -> None:
+    """Property: escapes, colons and quotes inside keys and values, spaces before a colon."""
+    inner = object_text([(k, json.dumps(v).encode()) for k, v in metadata], colon)
+    pairs = [(k, json.dumps(v).encode()) for k, v in fields] + [("md", inner)]
+    raw = object_text(pairs, colon)
+    keys = [k for k, _ in pairs]
+    expected = len(set(keys)) < len(keys) or len({k for k, _ in metadata}) < len(metadata)
+    assert (repeated_key(raw, orjson.loads(raw)) is not None) == expected, raw

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -150,6 +151,14 @@ def sample(text: str, name: str) -> float:
     return float(value)
 
 
+def series(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 async def test_metrics_are_prometheus_text_named_quota(http: httpx.AsyncClient) -> None:
     before = (await http.get("/metrics")).text
     assert (await reserve(http, "m", 100, reservation_id="r"))[0] == 200
@@ -175,7 +184,25 @@ async def test_metrics_are_prometheus_text_named_quota(http: httpx.AsyncClient) 
         )
         == 1
     )
-    assert "quota_http_requests_total" in text and "quota_http_request_duration_seconds" in text
+    requests, latency = series(before), series(text)
+    for name, labels in [
+        ("quota_http_requests_total", {"route": "reserve", "status": "200"}),
+        ("quota_http_requests_total", {"route": "commit", "status": "200"}),
+        ("quota_http_request_duration_seconds_count", {"route": "reserve"}),
+        ("quota_http_request_duration_seconds_bucket", {"route": "reserve", "le": "+Inf"}),
+    ]:
+        key = (name, frozenset(labels.items()))
+        assert latency[key] - requests.get(key, 0) == 2, key
+    # Cumulative, as Prometheus reads them: each bucket counts the ones below it too.
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in latency.items()
+        if name == "quota_http_request_duration_seconds_bucket" and ("route", "commit") in labels
+    )
+    counts = [value for _, value in buckets]
+    assert len(counts) == 11 and counts == sorted(counts)
+    count = latency[("quota_http_request_duration_seconds_count", frozenset({("route", "commit")}))]
+    assert counts[-1] == count
     names = {
         line.split("{")[0].split(" ")[0]
         for line in text.splitlines()
