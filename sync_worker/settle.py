@@ -17,7 +17,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from sync_worker import metrics
-from sync_worker.flush import Batch, Flusher, build_batch, sanitize
+from sync_worker.flush import Batch, Flusher, build_batch, sanitize, stream_position
 from sync_worker.streams import Entry, ReadResult, SettleStreams
 
 log = logging.getLogger("sync_worker.settle")
@@ -150,7 +150,7 @@ class Settler:
             return None
         if len(entries) > len(claimed.entries) > 0:
             # Claimed and new entries of one stream interleave: stream order is id order.
-            entries.sort(key=lambda e: (e[0], _id_key(e[1])))
+            entries.sort(key=lambda e: (e[0], stream_position(e[1])))
         return Held(entries, build_batch(entries))
 
     async def write(self, held: Held) -> None:
@@ -174,8 +174,3 @@ class Settler:
             metrics.ALERTS.labels("recorded").inc(recorded)
             if self.on_alerts is not None:
                 self.on_alerts(recorded)
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)

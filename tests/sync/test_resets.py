@@ -18,6 +18,7 @@ from quota_common import keys
 from quota_common.periods import calendar_month
 from sync_worker import metrics
 from sync_worker.drift import DriftRepair
+from sync_worker.flush import stream_position
 from sync_worker.worker import Worker
 from tests.api import commit, usage
 from tests.servers import Process, eventually
@@ -197,3 +198,16 @@ async def settle_entry(
         "ps": period_s,
     }
     await redis.xadd(stream, fields, id=entry_id)  # type: ignore[arg-type]
+
+
+async def test_stream_positions_computed_in_python_equal_postgres_ones(pg: AsyncEngine) -> None:
+    """Events carry positions computed by the worker, resets positions computed by Postgres:
+    the two must order a stream alike, caps included."""
+    ids = [b"0-0", b"1-1", b"1733000000000-0", b"1733000000000-999999", b"1733000000000-1000000"]
+    ids += [b"9223372036853-5", b"9223372036854775807-18446744073709551615"]
+    async with pg.connect() as conn:
+        for entry_id in ids:
+            expected = await conn.scalar(
+                text("SELECT stream_entry_position(:id)"), {"id": entry_id.decode()}
+            )
+            assert stream_position(entry_id) == expected, entry_id
