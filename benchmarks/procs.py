@@ -84,7 +84,8 @@ class Server:
 
 
 def uvicorn_argv(factory: str, port: int, workers: int) -> list[str]:
-    """The sidecar's server configuration (sidecar/main.py) for an app factory."""
+    """The sidecar's server configuration (quota_common.serving: uvloop, httptools with the
+    APIs' protocol) for an app factory."""
     return [
         str(BIN / "uvicorn"),
         "--factory",
@@ -98,8 +99,10 @@ def uvicorn_argv(factory: str, port: int, workers: int) -> list[str]:
         "--loop",
         "uvloop",
         "--http",
-        "httptools",
+        "quota_common.serving:ApiHttpProtocol",
         "--no-access-log",
+        "--no-proxy-headers",
+        "--no-server-header",
         "--log-level",
         "warning",
     ]

@@ -18,6 +18,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,10 @@ class Config:
     # requests/s in all), so latency is the service's, not the queue of a saturated server.
     paced_delay_ms: int = 4
     paced_connections: int = 16
+    # Reserve against bare in alternating short loads (one worker): the machine's speed drifts
+    # by a third over minutes here, which one bare load before and one after cannot cancel.
+    paired_rounds: int = 6
+    paired_seconds: float = 5
     memory_users: int = 100_000
     floor_calls_per_s: int = 30_000  # calls = this x seconds (x2 pipelined): ~a load's length
     sync_events: int = 50_000
@@ -114,6 +119,7 @@ class Results:
     meta: dict[str, Any]
     loads: list[Load] = field(default_factory=list)
     overgrant: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
     floor: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     sync_worker: dict[str, Any] = field(default_factory=dict)
@@ -194,7 +200,9 @@ class Bench:
     async def wrk(
         self, name: str, server: procs.Server, workers: int, connections: int, **env: str
     ) -> Load:
-        seconds = self.config.seconds
+        """`env`: the load script's environment; `mode` (default: the name) and `seconds`
+        (default: the configured length) are the load's own."""
+        seconds = float(env.pop("seconds", self.config.seconds))
         load_env = {
             **os.environ,
             "BENCH_MODE": env.pop("mode", name),
@@ -309,9 +317,56 @@ class Bench:
                 self.add(await self.wrk("bare-again", bare, workers, connections, mode="bare"))
             if workers == min(config.workers):
                 await self.overgrant(sidecar, naive, workers, max(config.connections))
+                for connections in config.connections:
+                    await self.paired(bare, sidecar, workers, connections)
         finally:
             for server in servers:
                 await asyncio.to_thread(server.stop)
+
+    async def paired(
+        self, bare: procs.Server, sidecar: procs.Server, workers: int, connections: int
+    ) -> None:
+        """Bare and reserve in turns (bare, reserve, reserve, bare, ...), the ratio taken in
+        each round from two loads a few seconds apart; the median round is the figure."""
+        config = self.config
+        rounds = []
+        for n in range(config.paired_rounds):
+            loads: dict[str, Load] = {}
+            order = [("bare", bare), ("reserve", sidecar)]
+            for name, server in order if n % 2 == 0 else order[::-1]:
+                if name == "reserve":
+                    await self.fresh_users(USER_PREFIX, config.users, UNLIMITED)
+                loads[name] = await self.wrk(
+                    name, server, workers, connections, seconds=str(config.paired_seconds)
+                )
+            rounds.append(
+                {
+                    "bare_rps": loads["bare"].rps,
+                    "reserve_rps": loads["reserve"].rps,
+                    "ratio": loads["reserve"].rps / loads["bare"].rps,
+                    "cpu_ratio": loads["bare"].server_cpu_us / loads["reserve"].server_cpu_us,
+                    "bare_p99_ms": loads["bare"].p99_ms,
+                    "reserve_p99_ms": loads["reserve"].p99_ms,
+                }
+            )
+        ratios = sorted(r["ratio"] for r in rounds)
+        summary = {
+            "workers": workers,
+            "connections": connections,
+            "seconds": config.paired_seconds,
+            "rounds": rounds,
+            "median_ratio": statistics.median(ratios),
+            "min_ratio": ratios[0],
+            "max_ratio": ratios[-1],
+            "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rounds),
+            "median_bare_p99_ms": statistics.median(r["bare_p99_ms"] for r in rounds),
+            "median_reserve_p99_ms": statistics.median(r["reserve_p99_ms"] for r in rounds),
+        }
+        self.results.paired.append(summary)
+        log(
+            f"paired w{workers} c{connections}: reserve x bare median {summary['median_ratio']:.2f}"
+            f" ({ratios[0]:.2f}-{ratios[-1]:.2f}), by CPU {summary['median_cpu_ratio']:.2f}"
+        )
 
     async def paced_loads(
         self, bare: procs.Server, sidecar: procs.Server, workers: int, connections: int
@@ -790,6 +845,8 @@ def parse_args(argv: list[str] | None) -> Config:
         config.floor_calls_per_s = 5_000
         config.sync_events = 2_000
         config.sync_timeout_s = 8
+        config.paired_rounds = 2
+        config.paired_seconds = 1
         config.quick = True
     # Enough requests/s x seconds per user that the reserve loads never run out of quota.
     return config

@@ -65,7 +65,9 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
 
     results = orjson.loads((tmp_path / "latest.json").read_bytes())
-    assert {"meta", "loads", "overgrant", "floor", "memory", "sync_worker"} <= set(results)
+    sections = {"meta", "loads", "paired", "overgrant", "floor", "memory", "sync_worker"}
+    assert sections <= set(results)
+    assert [len(row["rounds"]) for row in results["paired"]] == [2]
     names = {load["name"] for load in results["loads"]}
     assert {"bare", "reserve", "flow", "naive", "naive-race", "flow-race"} <= names
     assert all(load["requests"] > 0 for load in results["loads"])
@@ -76,3 +78,30 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     # The one figure that is a guarantee, not a performance: no tokens beyond the quota.
     sidecar = [row for row in results["overgrant"] if row["service"].startswith("sidecar")]
     assert sidecar[0]["tokens_beyond_quota"] == 0
+
+
+def test_ab_compares_two_trees() -> None:
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.ab",
+            "--base",
+            str(ROOT),
+            "--rounds",
+            "2",
+            "--seconds",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if finished.returncode == LOCKED_EXIT:
+        pytest.skip("a benchmark run is using Redis DB 3 right now")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = finished.stdout.splitlines()
+    assert lines[0].startswith("A (") and lines[1].startswith("B (")
+    assert lines[2].startswith("B had more requests/s in") and lines[2].endswith("of 2 rounds")
