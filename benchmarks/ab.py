@@ -55,7 +55,8 @@ async def compare(trees: dict[str, Path], app: str, load: str, config: Config, r
             f"{name} ({trees[name]}): requests/s {statistics.median(x.rps for x in loads):,.0f}, "
             f"server CPU {statistics.median(x.server_cpu_us for x in loads):.1f} us/req, "
             f"p50 {statistics.median(x.p50_ms for x in loads):.2f} ms, "
-            f"p99 {statistics.median(x.p99_ms for x in loads):.2f} ms; "
+            f"p99 {statistics.median(x.p99_ms for x in loads):.2f} ms, "
+            f"non-2xx and socket errors {sum(x.non_2xx + x.socket_errors for x in loads)}; "
             f"rounds {', '.join(f'{x.rps:,.0f}' for x in loads)}"
         )
     won = sum(b.rps > a.rps for a, b in zip(results["A"], results["B"], strict=True))
@@ -73,6 +74,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.app == "bare" and args.load != "bare":
         parser.error("the bare app only answers the bare load")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    # Both builds are served with this checkout's server settings, its protocol included.
+    serving = args.base / "quota_common" / "serving.py"
+    if not serving.is_file() or "class ApiHttpProtocol" not in serving.read_text():
+        parser.error(f"{args.base} is no tree of this project with ApiHttpProtocol")
     config = Config(seconds=args.seconds, connections=[args.connections], workers=[1])
     trees = {"A": args.base.resolve(), "B": procs.ROOT}
     with exclusive(REDIS_URL):

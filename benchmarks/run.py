@@ -347,6 +347,8 @@ class Bench:
                     "cpu_ratio": loads["bare"].server_cpu_us / loads["reserve"].server_cpu_us,
                     "bare_p99_ms": loads["bare"].p99_ms,
                     "reserve_p99_ms": loads["reserve"].p99_ms,
+                    # Refusals and errors answer fast: a round with any is no fair ratio.
+                    "errors": sum(x.non_2xx + x.socket_errors for x in loads.values()),
                 }
             )
         ratios = sorted(r["ratio"] for r in rounds)
@@ -361,6 +363,7 @@ class Bench:
             "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rounds),
             "median_bare_p99_ms": statistics.median(r["bare_p99_ms"] for r in rounds),
             "median_reserve_p99_ms": statistics.median(r["reserve_p99_ms"] for r in rounds),
+            "errors": sum(r["errors"] for r in rounds),
         }
         self.results.paired.append(summary)
         log(

@@ -5,6 +5,7 @@ bodies, JSON errors, bearer tokens, metrics; nothing a client sends can produce 
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,19 +92,25 @@ class Call:
 
 # More keys in one object than any body of these routes can have: validation refuses it anyway.
 OBJECT_KEYS_MAX = 32
+# A key, then JSON white space before its colon.
+SPACE_BEFORE_COLON = re.compile(rb'"[ \t\r\n]+:')
 
 
 def repeated_key(raw: bytes, parsed: object) -> str | None:
     """A key that the body or an object in it (metadata) repeats: orjson would silently keep the
     last one. Only bodies that validation could accept are looked at (an object of objects of
     at most OBJECT_KEYS_MAX keys each), so the check stays cheap and shallow whatever is sent.
-    Without escapes no string holds a quote, so every `":` in the body ends a key: as many as
-    the parsed objects have keys means none was repeated. Otherwise (escapes, or spaces before
-    a colon) the body is parsed again, slowly."""
+    Without escapes no string holds a quote, so every `":` in the body ends a key: when no key
+    has white space before its colon, as many `":` as the parsed objects have keys means none
+    was repeated. Otherwise (escapes, or such white space) the body is parsed again, slowly."""
     objects = shallow_objects(parsed)
     if objects is None:
         return None
-    if b"\\" not in raw and raw.count(b'":') == sum(map(len, objects)):
+    if (
+        b"\\" not in raw
+        and raw.count(b'":') == sum(map(len, objects))
+        and SPACE_BEFORE_COLON.search(raw) is None
+    ):
         return None
     repeated: list[str] = []
 

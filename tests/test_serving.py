@@ -3,6 +3,7 @@ TCP segment and one wake-up of the client; a 100 Continue still goes first, at o
 response abandoned after its start still sends its head before the connection closes."""
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,12 @@ async def answer(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
+async def never(scope: Scope, receive: Receive, send: Send) -> None:
+    """Reads the request, then waits for the client to go away without answering."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def abandon(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     raise RuntimeError("the app gave up after starting its response")
@@ -113,3 +120,35 @@ async def test_a_response_abandoned_after_its_start_sends_its_head_then_closes(
     assert len(transport.writes) == 1
     assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
     assert transport.writes[0].endswith(b"\r\n\r\n")
+
+
+async def test_a_head_answer_goes_out_at_once_and_the_next_request_gets_its_own() -> None:
+    protocol, transport = connection(answer)
+    head = b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    protocol.data_received(head + request(b"{}") + b"{}")
+    await transport.until(lambda: len(transport.writes) == 2)
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[0].endswith(b"\r\n\r\n")  # the head alone
+    assert transport.writes[1].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[1].endswith(BODY)
+
+
+async def test_a_request_that_is_never_answered_leaves_no_reference_cycle() -> None:
+    protocol, _ = connection(never)
+    protocol.data_received(request(b"{}") + b"{}")
+    cycle = protocol.cycle
+    assert cycle is not None
+    assert not reaches(cycle.transport, cycle)
+    protocol.connection_lost(None)
+    await asyncio.gather(*protocol.tasks)
+
+
+def reaches(start: object, target: object, depth: int = 4) -> bool:
+    """Whether `target` is among what `start` holds, directly or through `depth` objects."""
+    seen, layer = {id(start)}, [start]
+    for _ in range(depth):
+        layer = [o for x in layer for o in gc.get_referents(x) if id(o) not in seen]
+        if any(o is target for o in layer):
+            return True
+        seen.update(map(id, layer))
+    return False
