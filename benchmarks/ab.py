@@ -17,7 +17,16 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import procs, stores
-from benchmarks.run import REDIS_URL, UNLIMITED, USER_PREFIX, Bench, Config, Load, exclusive
+from benchmarks.run import (
+    REDIS_URL,
+    UNLIMITED,
+    USER_PREFIX,
+    Bench,
+    Config,
+    Load,
+    exclusive,
+    in_turns,
+)
 
 APPS = {"sidecar": "benchmarks.apps:sidecar_app", "bare": "benchmarks.apps:bare_app"}
 
@@ -36,12 +45,11 @@ async def compare(trees: dict[str, Path], app: str, load: str, config: Config, r
             servers[name] = procs.Server(f"ab-{name}", argv, env, port, log_dir)
             ready = "/healthz" if app == "sidecar" else "/"
             await asyncio.to_thread(servers[name].start, ready)
-        order = list(trees)
-        for n in range(rounds):
-            for name in order if n % 2 == 0 else order[::-1]:
+        connections = config.connections[0]
+        for order in in_turns(list(trees), rounds):
+            for name in order:
                 if load != "bare":
                     await bench.fresh_users(USER_PREFIX, config.users, UNLIMITED)
-                connections = config.connections[0]
                 results[name].append(
                     await bench.wrk(load, servers[name], 1, connections, mode=load)
                 )

@@ -330,10 +330,10 @@ class Bench:
         each round from two loads a few seconds apart; the median round is the figure."""
         config = self.config
         rounds = []
-        for n in range(config.paired_rounds):
+        for order in in_turns(["bare", "reserve"], config.paired_rounds):
             loads: dict[str, Load] = {}
-            order = [("bare", bare), ("reserve", sidecar)]
-            for name, server in order if n % 2 == 0 else order[::-1]:
+            for name in order:
+                server = bare if name == "bare" else sidecar
                 if name == "reserve":
                     await self.fresh_users(USER_PREFIX, config.users, UNLIMITED)
                 loads[name] = await self.wrk(
@@ -678,6 +678,13 @@ class Bench:
         self.results.meta["wall_s"] = (datetime.now(UTC) - started).total_seconds()
         self.results.notes.extend(standard_notes(config))
         return self.results
+
+
+def in_turns(names: list[str], rounds: int) -> Iterator[list[str]]:
+    """Each round's order: A B, B A, A B, ... so that the machine's drift and whatever going
+    first does fall on every name alike."""
+    for n in range(rounds):
+        yield names if n % 2 == 0 else names[::-1]
 
 
 async def finish(process: asyncio.subprocess.Process, timeout_s: float) -> bytes:

@@ -46,7 +46,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS sync_settled (
 ) ON COMMIT DELETE ROWS
 """
 # Text COPY: the entries' values are already the text Postgres parses ("1"/"0" is a boolean),
-# so a row is one join of bytes, no Python conversion per value.
+# so a row is one join of bytes; only the stream position is computed (see stream_position).
 COPY_STAGE = (
     "COPY sync_settled (user_id, reservation_id, status, tokens_reserved, tokens_charged, late,"
     " metadata, settled_ms, period_s, stream_position) FROM STDIN"

@@ -2,6 +2,7 @@
 settings in the environment, on loopback ports, awaited until they answer."""
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -34,15 +35,24 @@ def wait_until(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str, interval_s: float = 0.02
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.02,
 ) -> float:
-    """Awaits a condition with a deadline (the async twin of wait_until); the seconds it took."""
+    """Awaits a condition, plain or awaitable, with a deadline (the async twin of wait_until);
+    the seconds it took."""
     started = time.monotonic()
-    while not await check():
+    while not await holds(check):
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(interval_s)
     return time.monotonic() - started
+
+
+async def holds(check: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = check()
+    return await result if inspect.isawaitable(result) else result
 
 
 def answers(url: str) -> bool:

@@ -184,7 +184,7 @@ async def test_metrics_are_prometheus_text_named_quota(http: httpx.AsyncClient) 
         )
         == 1
     )
-    requests, latency = series(before), series(text)
+    earlier, now = series(before), series(text)
     for name, labels in [
         ("quota_http_requests_total", {"route": "reserve", "status": "200"}),
         ("quota_http_requests_total", {"route": "commit", "status": "200"}),
@@ -192,16 +192,16 @@ async def test_metrics_are_prometheus_text_named_quota(http: httpx.AsyncClient) 
         ("quota_http_request_duration_seconds_bucket", {"route": "reserve", "le": "+Inf"}),
     ]:
         key = (name, frozenset(labels.items()))
-        assert latency[key] - requests.get(key, 0) == 2, key
+        assert now[key] - earlier.get(key, 0) == 2, key
     # Cumulative, as Prometheus reads them: each bucket counts the ones below it too.
     buckets = sorted(
         (float(dict(labels)["le"]), value)
-        for (name, labels), value in latency.items()
+        for (name, labels), value in now.items()
         if name == "quota_http_request_duration_seconds_bucket" and ("route", "commit") in labels
     )
     counts = [value for _, value in buckets]
     assert len(counts) == 11 and counts == sorted(counts)
-    count = latency[("quota_http_request_duration_seconds_count", frozenset({("route", "commit")}))]
+    count = now[("quota_http_request_duration_seconds_count", frozenset({("route", "commit")}))]
     assert counts[-1] == count
     names = {
         line.split("{")[0].split(" ")[0]

@@ -90,7 +90,7 @@ async def test_a_hanging_jwks_delays_no_hs256_token_and_is_fetched_once(
     verifier = with_jwks(Jwks(blackhole.url, timeout_s=1.0))
     started = time.monotonic()
     waiting = [asyncio.create_task(verify(verifier, rs256(keys))) for _ in range(12)]
-    await asyncio.sleep(0)
+    await eventually(lambda: blackhole.connections == 1, 5, "the JWKS fetch under way")
     assert await verify(verifier, token("jwks-hs")) == "jwks-hs"
     assert not any(task.done() for task in waiting), "HS256 waited for the JWKS"
     results = await asyncio.gather(*waiting, return_exceptions=True)

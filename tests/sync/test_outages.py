@@ -108,12 +108,12 @@ async def test_flushdb_under_load_never_grants_past_the_limit(
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         await drive(http, before, users, 400, 16)
         traffic = asyncio.create_task(drive(http, after, users, 10**6, 16, stop := asyncio.Event()))
-        await eventually(lambda: asyncio.sleep(0, len(after.committed) > 50), 20, "load")
+        await eventually(lambda: len(after.committed) > 50, 20, "load")
         in_postgres_before, _, _ = await books(pg)
         sent_before = time.monotonic()
         await redis.flushdb()  # only this test run's database, never FLUSHALL
         flushed_at = time.monotonic()
-        await eventually(lambda: asyncio.sleep(0, after.refused > 200), 60, "users at limit")
+        await eventually(lambda: after.refused > 200, 60, "users at limit")
         stop.set()
         await traffic
         # What was settled but not yet synced went with the flush; every later commit stays.
@@ -169,11 +169,11 @@ async def test_redis_aof_restart_under_load_keeps_every_commit(
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             traffic = asyncio.create_task(drive(http, load, users, 10**6, 8, stop))
-            await eventually(lambda: asyncio.sleep(0, len(load.committed) > 300), 30, "load")
+            await eventually(lambda: len(load.committed) > 300, 30, "load")
             server.stop()  # kill -9: only what appendfsync wrote survives
             server.start()
             done = len(load.committed)
-            await eventually(lambda: asyncio.sleep(0, len(load.committed) > done + 300), 30, "more")
+            await eventually(lambda: len(load.committed) > done + 300, 30, "more")
             stop.set()
             await traffic
         await eventually(lambda: synced(pg, load), 60, "every commit in Postgres")
