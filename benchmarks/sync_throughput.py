@@ -4,7 +4,7 @@ Fills the settle streams with N commit entries (as lua/commit.lua writes them, s
 USERS users and so over every bucket), then times the worker's settle step until the streams
 are empty, and checks the books (N events, totals = sum of charges).
 
-    .venv/bin/python -m benchmarks.sync_throughput --entries 200000 --redis-db 12
+    .venv/bin/python -m benchmarks.sync_throughput --entries 200000 --redis-db 12 --writers 2
 
 Uses its own Postgres database (--database, default quota_bench_sync, dropped afterwards) and
 the given Redis database, which it FLUSHDBs (never FLUSHALL).
@@ -21,6 +21,7 @@ from sqlalchemy import text
 from quota_common import db, keys
 from quota_common import settings as settings_module
 from quota_common.migrate import create_database_if_missing, upgrade
+from sync_worker.settle import Settler
 from sync_worker.worker import Worker
 
 PG_ROOT = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -56,6 +57,7 @@ async def main() -> None:
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--writers", type=int, default=2, help="SYNC_WRITERS")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--database", default="quota_bench_sync")
     args = parser.parse_args()
@@ -72,24 +74,31 @@ async def main() -> None:
     await redis.flushdb()
 
     settings = settings_module.load(
-        {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "SYNC_BATCH_SIZE": str(args.batch)}
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "SYNC_BATCH_SIZE": str(args.batch),
+            "SYNC_WRITERS": str(args.writers),
+        }
     )
     worker = Worker(settings)
     await worker.start()
     await fill(redis, args.entries, args.users)
     print(f"filled {args.entries} entries for {args.users} users")
 
+    async def drain(settler: Settler) -> int:
+        # Each writer at its own pace, as the worker's settle loops run.
+        written = 0
+        while n := await settler.run_once():
+            written += n
+        return written
+
     started = time.perf_counter()
-    written = 0
-    while True:
-        n = await worker.run_once()
-        if n == 0:
-            break
-        written += n
+    written = sum(await asyncio.gather(*(drain(settler) for settler in worker.settlers)))
     elapsed = time.perf_counter() - started
     print(
         f"wrote {written} entries in {elapsed:.2f}s: {written / elapsed:,.0f} events/s "
-        f"(batch {args.batch})"
+        f"(batch {args.batch}, {args.writers} writers)"
     )
 
     async with worker.engine.connect() as conn:

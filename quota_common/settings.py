@@ -72,6 +72,7 @@ class Settings:
     sync_worker_host: str = "127.0.0.1"
     sync_worker_port: int = 8701
     sync_batch_size: int = 10_000
+    sync_writers: int = 2
     sync_poll_interval_ms: int = 50
     sync_claim_idle_ms: int = 30_000
     sync_redis_timeout_ms: int = 5000
@@ -329,6 +330,7 @@ def _sync_worker(env: Mapping[str, str]) -> dict[str, Any]:
         "sync_worker_host": env.get("SYNC_WORKER_HOST") or d.sync_worker_host,
         "sync_worker_port": _int(env, "SYNC_WORKER_PORT", d.sync_worker_port, 0, 65535),
         "sync_batch_size": _int(env, "SYNC_BATCH_SIZE", d.sync_batch_size, 1, 100_000),
+        "sync_writers": _int(env, "SYNC_WRITERS", d.sync_writers, 1, 16),
         "sync_poll_interval_ms": _int(
             env, "SYNC_POLL_INTERVAL_MS", d.sync_poll_interval_ms, 1, 60_000
         ),

@@ -159,12 +159,15 @@ Row = list[bytes]
 
 @dataclass(slots=True)
 class Batch:
-    """A read batch turned into rows: one per (user, reservation), in stream order."""
+    """A read batch turned into rows: one per (user, reservation), in stream order, and the
+    rows already in COPY text: built with the read, which overlaps the previous batch's
+    statement, rather than with the write, which Postgres would wait for."""
 
     rows: dict[tuple[bytes, bytes], Row]
     alerts: list[tuple[str, int, int, int, int, int, int]]
     resets: dict[tuple[str, int], Reset]
     kinds: dict[str, int]
+    copy: bytes = b""
 
 
 def _named(fields: list[bytes]) -> dict[bytes, bytes]:
@@ -216,7 +219,8 @@ def build_batch(entries: list[Entry]) -> Batch:
             resets[(user_id, period_s)] = Reset(user_id, period_s, entry[1].decode())
         else:
             log.error("unknown settle entry skipped", extra={"entry": entry[1].decode()})
-    return Batch(rows, alerts, resets, {k.decode(): n for k, n in kinds.items()})
+    kind_counts = {k.decode(): n for k, n in kinds.items()}
+    return Batch(rows, alerts, resets, kind_counts, copy_text(rows.values()))
 
 
 # Caps of Postgres' stream_entry_position() (migration 0003), which keep a position in a bigint.
@@ -265,6 +269,7 @@ def sanitize(batch: Batch) -> None:
         if row[6] and not _valid_json(row[6]):
             log.error("invalid metadata replaced", extra={"user_id": row[1], "rid": row[2]})
             row[6] = b""
+    batch.copy = copy_text(batch.rows.values())
 
 
 class Flusher:
@@ -308,7 +313,7 @@ class Flusher:
         async with conn.transaction(), conn.cursor() as cur:
             if batch.rows:
                 async with cur.copy(COPY_STAGE) as copy:
-                    await copy.write(copy_text(batch.rows.values()))
+                    await copy.write(batch.copy)
                 await cur.execute(WRITE_EVENTS)
             # After the events of the batch, so the recomputation sees those after the reset.
             for key in sorted(batch.resets):

@@ -44,7 +44,17 @@ def _raw(response: Any, **options: Any) -> Any:
 
 
 class SettleStreams:
-    def __init__(self, redis: AnyRedis, consumer: str, batch_size: int, claim_idle_ms: int):
+    """The settle streams of `streams` (all by default): a worker's writers each read and claim
+    their own share; the sweeps over consumers and the backlog look at every stream."""
+
+    def __init__(
+        self,
+        redis: AnyRedis,
+        consumer: str,
+        batch_size: int,
+        claim_idle_ms: int,
+        streams: tuple[str, ...] = STREAMS,
+    ):
         self.redis = redis
         # Entries as the protocol parser made them: redis-py's own parsing into dicts costs
         # more than the rest of the read (the worker owns this client).
@@ -54,13 +64,14 @@ class SettleStreams:
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         # XAUTOCLAIM cursor of each stream, so a long pending list is walked, not restarted.
-        self._claim_cursor: dict[str, str] = dict.fromkeys(STREAMS, "0-0")
+        self.streams = streams
+        self._claim_cursor: dict[str, str] = dict.fromkeys(streams, "0-0")
 
-    async def ensure_groups(self, streams: tuple[str, ...] | list[str] = STREAMS) -> None:
+    async def ensure_groups(self, streams: tuple[str, ...] | list[str] | None = None) -> None:
         """Creates the consumer group of every stream (and the stream) from the first entry;
         a group that exists already is left alone, whatever it has read."""
         pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
+        for stream in self.streams if streams is None else streams:
             pipe.xgroup_create(stream, keys.SETTLE_GROUP, id="0", mkstream=True)
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
@@ -70,7 +81,7 @@ class SettleStreams:
         """New entries of every stream, at most about batch_size in all: each stream gets an
         even share, and streams that filled theirs are read again while room is left."""
         result = ReadResult()
-        streams = list(STREAMS)
+        streams = list(self.streams)
         count = max(READ_COUNT_MIN, self.batch_size // len(streams))
         for _ in range(READ_ROUNDS_MAX):
             pipe = self.redis.pipeline(transaction=False)
@@ -106,9 +117,9 @@ class SettleStreams:
         worker that died or hangs). Postgres writes are idempotent, so a slow worker that
         finishes after all costs nothing but time."""
         result = ReadResult()
-        count = max(READ_COUNT_MIN, self.batch_size // len(STREAMS))
+        count = max(READ_COUNT_MIN, self.batch_size // len(self.streams))
         pipe = self.redis.pipeline(transaction=False)
-        for stream in STREAMS:
+        for stream in self.streams:
             pipe.xautoclaim(
                 stream,
                 keys.SETTLE_GROUP,
@@ -118,7 +129,7 @@ class SettleStreams:
                 count=count,
             )
         answers = await pipe.execute(raise_on_error=False)
-        for stream, answer in zip(STREAMS, answers, strict=True):
+        for stream, answer in zip(self.streams, answers, strict=True):
             if isinstance(answer, ResponseError):
                 if "NOGROUP" in str(answer):
                     continue

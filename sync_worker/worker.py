@@ -1,7 +1,12 @@
-"""The sync worker: the settle loop (the one that matters for "no lost usage") and its
+"""The sync worker: the settle loops (the ones that matter for "no lost usage") and their
 companions, each a small loop around a `run_once()` that tests can call directly.
 
-Stopping: `stop()` (first SIGTERM) lets the settle loop finish and acknowledge the batch in
+Writers: SYNC_WRITERS settle loops, each with its own Postgres connection, own a share of the
+settle streams (stream i goes to writer i mod N). A user's settlements are all in one stream,
+so the writers never touch the same rows and never wait on each other's locks; while one waits
+for Postgres, another's batch is read and written (measured in docs/sync-worker.md).
+
+Stopping: `stop()` (first SIGTERM) lets the settle loops finish and acknowledge the batches in
 hand, then returns; while starting, or with nothing in hand, it returns at once. A store that
 stays down keeps the batch from being written: after STOP_WRITE_GRACE_S of trying, the worker
 stops anyway and the batch stays pending in Redis for the next worker (nothing is lost: it was
@@ -22,7 +27,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from quota_common import db, redis_client
+from quota_common import db, keys, redis_client
 from quota_common.plans import catalogue
 from quota_common.scripts import AnyRedis, register_all
 from quota_common.settings import Settings
@@ -33,7 +38,7 @@ from sync_worker.flush import Flusher
 from sync_worker.plans import PlanSync
 from sync_worker.reaper import Reaper, held_tokens
 from sync_worker.settle import Settler
-from sync_worker.streams import SettleStreams
+from sync_worker.streams import STREAMS, SettleStreams
 
 log = logging.getLogger("sync_worker")
 
@@ -99,13 +104,23 @@ class Worker:
             settings.alert_webhook_backoff_max_ms,
             settings.alert_webhook_attempts_max,
         )
-        self.settler = Settler(
-            self.streams,
-            Flusher(conninfo),
-            # Claim about twice per idle period: a dead worker's entries wait at most ~1.5x.
-            claim_interval_s=settings.sync_claim_idle_ms / 2000,
-            on_alerts=lambda _: self.alerts.wake.set(),
-        )
+        writers = settings.sync_writers
+        self.settlers = [
+            Settler(
+                SettleStreams(
+                    self.redis,
+                    self.consumer,
+                    settings.sync_batch_size,
+                    settings.sync_claim_idle_ms,
+                    STREAMS[writer::writers],
+                ),
+                Flusher(conninfo),
+                # Claim about twice per idle period: a dead worker's entries wait at most ~1.5x.
+                claim_interval_s=settings.sync_claim_idle_ms / 2000,
+                on_alerts=lambda _: self.alerts.wake.set(),
+            )
+            for writer in range(writers)
+        ]
         self.plans = PlanSync(
             self.redis, self.engine, conninfo, catalogue(settings), settings.sync_plan_refresh_s
         )
@@ -118,20 +133,22 @@ class Worker:
         self._stopping = asyncio.Event()
         self._stop_deadline = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._settle_error: str | None = None
+        # The last failure of each settle loop that has not succeeded since.
+        self._settle_errors: dict[int, str] = {}
         self._backlog = 0
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy once started and while the last settle step reached both stores: a worker
         that cannot write to Postgres (or read Redis) answers 503 "degraded"."""
         last = metrics.LAST_SUCCESS._value.get()
-        status = "degraded" if self._settle_error else "ok"
-        return self.started and not self._settle_error, {
+        error = next(iter(self._settle_errors.values()), None)
+        status = "degraded" if error else "ok"
+        return self.started and not error, {
             "status": status if self.started else "starting",
             "consumer": self.consumer,
             "backlog_entries": self._backlog,
             "last_success_age_s": round(time.time() - last, 3) if last else None,
-            "error": self._settle_error,
+            "error": error,
         }
 
     async def start(self) -> bool:
@@ -147,12 +164,23 @@ class Worker:
 
     async def _start_once(self) -> None:
         await register_all(self.redis)
-        await self.settler.start()
+        for settler in self.settlers:
+            await settler.start()
         await self.plans.listen()
 
+    def settler_of(self, user_id: str) -> Settler:
+        """The settle loop whose share holds this user's stream."""
+        return self.settlers[keys.bucket_of(user_id) % len(self.settlers)]
+
     async def run_once(self) -> int:
-        """One settle batch (the unit tests' entry point)."""
-        return await self.settler.run_once()
+        """One settle batch of every writer at once (the unit tests' entry point). Raises the
+        first failure once every writer has finished its step, so none is left running."""
+        steps = [settler.run_once() for settler in self.settlers]
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(n for n in results if isinstance(n, int))
 
     async def run(self) -> None:
         await self.server.start()
@@ -174,7 +202,7 @@ class Worker:
         }
         self._tasks = [asyncio.create_task(loop(), name=name) for name, loop in loops.items()]
         try:
-            await self._settle_loop()
+            await asyncio.gather(*(self._settle_loop(n, s) for n, s in enumerate(self.settlers)))
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -189,22 +217,24 @@ class Worker:
         await self.server.close()
         await self.plans.close()
         await self.alerts.close()
-        await self.settler.flusher.close()
+        for settler in self.settlers:
+            await settler.flusher.close()
         await self.redis.aclose()
         await self.engine.dispose()
 
-    async def _settle_loop(self) -> None:
+    async def _settle_loop(self, writer: int, settler: Settler) -> None:
         failures = 0
-        while not self._stopping.is_set() or self.settler.holding:
+        while not self._stopping.is_set() or settler.holding:
             try:
                 # Once asked to stop, only what is already read is finished.
-                written = await self.settler.run_once(read=not self._stopping.is_set())
+                written = await settler.run_once(read=not self._stopping.is_set())
                 failures = 0
-                self._settle_error = None
+                self._settle_errors.pop(writer, None)
             except Exception as error:
                 failures += 1
-                self._settle_error = f"{type(error).__name__}: {str(error)[:200]}"
-                log.warning("settle failed, batch kept", extra={"error": self._settle_error})
+                message = f"{type(error).__name__}: {str(error)[:200]}"
+                self._settle_errors[writer] = message
+                log.warning("settle failed, batch kept", extra={"error": message})
                 backoff_s = min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures)
                 if not self._stopping.is_set():
                     await self._pause(backoff_s)

@@ -68,12 +68,12 @@ async def test_pre_reset_usage_written_by_a_slower_worker_is_not_counted(
     slow = await make_worker(SYNC_CLAIM_IDLE_MS=NO_CLAIMS)
     fast = await make_worker(SYNC_CLAIM_IDLE_MS=NO_CLAIMS)
     assert (await commit(http, "rs", "pre-1", 70_000))[0] == 200
-    held = await slow.settler.read()  # the slow worker holds the pre-reset commit
+    held = await slow.settler_of("rs").read()  # the slow worker holds the pre-reset commit
     assert held is not None and len(held.entries) == 1
     await reset(http, "rs")
     assert (await commit(http, "rs", "post-1", 500))[0] == 200
     assert await drain(fast) == 2  # the reset and post-1, written first
-    await slow.settler.write(held)
+    await slow.settler_of("rs").write(held)
     await slow.streams.ack(held.entries)
     assert await scalar(pg, "SELECT count(*) FROM usage_events WHERE user_id = 'rs'") == 2
     await assert_reset_kept(http, pg, redis, "rs", 500)
@@ -120,11 +120,11 @@ async def test_flush_before_the_reset_entry_was_processed_keeps_the_reset(
 ) -> None:
     slow = await make_worker(SYNC_CLAIM_IDLE_MS=NO_CLAIMS)
     assert (await commit(http, "rf", "pre", 40_000))[0] == 200
-    held = await slow.settler.read()
+    held = await slow.settler_of("rf").read()
     assert held is not None
     await reset(http, "rf")
     await redis.flushdb()  # the reset entry goes with it; Postgres has the reset already
-    await slow.settler.write(held)
+    await slow.settler_of("rf").write(held)
     assert await total(pg, "rf") == 0
     assert (await usage(http, "rf"))["used"] == 0
 
@@ -141,13 +141,13 @@ async def test_reset_committed_while_a_batch_is_written_counts_only_what_follows
     await drain(worker)
     await settle_entry(redis, stream, f"{now_ms + 10}-0", "rc", "pre", 70, period_s)
     await settle_entry(redis, stream, f"{now_ms + 30}-0", "rc", "post", 5, period_s)
-    held = await worker.settler.read()
+    held = await worker.settler_of("rc").read()
     assert held is not None
     async with pg.connect() as other:
         await other.execute(
             text("SELECT 1 FROM usage_totals WHERE user_id = 'rc' FOR UPDATE")
         )  # the other writer holds the total
-        writing = asyncio.create_task(worker.settler.write(held))
+        writing = asyncio.create_task(worker.settler_of("rc").write(held))
         await eventually(lambda: worker_blocked(pg, redis), 10, "the batch waiting on the total")
         await other.execute(
             text(

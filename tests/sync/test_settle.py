@@ -1,6 +1,8 @@
 """The settle step through `run_once()`: what reaches Postgres for each kind of settlement,
 and that writing the same entries again changes nothing."""
 
+import asyncio
+
 import httpx
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -10,7 +12,7 @@ from sync_worker.flush import build_batch
 from sync_worker.streams import STREAMS, Entry
 from sync_worker.worker import Worker
 from tests.api import commit, refund, reserve
-from tests.sync.conftest import drain, rows, scalar
+from tests.sync.conftest import MakeWorker, drain, rows, scalar
 
 
 async def test_commit_refund_and_expiry_reach_postgres_once(
@@ -76,9 +78,9 @@ async def test_same_entries_written_twice_count_once(
     batch = build_batch(entries)
     # The same batch three times (a crash between commit and XACK, then a claim), and a
     # batch holding every entry twice.
-    await worker.settler.flusher.write(batch)
-    await worker.settler.flusher.write(batch)
-    await worker.settler.flusher.write(build_batch(entries + entries))
+    await worker.settlers[0].flusher.write(batch)
+    await worker.settlers[0].flusher.write(batch)
+    await worker.settlers[0].flusher.write(build_batch(entries + entries))
     await drain(worker)
     assert await scalar(pg, "SELECT count(*) FROM usage_events") == 20
     assert await scalar(pg, "SELECT sum(tokens_charged) FROM usage_totals") == sum(
@@ -125,3 +127,33 @@ async def test_unknown_stream_entry_is_acknowledged_not_blocking(
     )
     assert await drain(worker) == 2
     assert await rows(pg, "SELECT reservation_id, metadata FROM usage_events") == [("a", {})]
+
+
+async def test_writers_read_their_own_share_and_together_every_stream(
+    http: httpx.AsyncClient, make_worker: MakeWorker, pg: AsyncEngine
+) -> None:
+    """SYNC_WRITERS settle loops split the streams: a user's settlements are read by one
+    writer only, so no two of them write the same rows, and no stream is left unread."""
+    worker = await make_worker(SYNC_WRITERS="3")
+    users = [f"w{n}" for n in range(60)]
+    answers = await asyncio.gather(*(commit(http, u, f"r-{u}", 7) for u in users))
+    assert all(status == 200 for status, _ in answers)
+    shares = [set(settler.streams.streams) for settler in worker.settlers]
+    assert sum(len(share) for share in shares) == len(STREAMS) == len(set().union(*shares))
+
+    read = await asyncio.gather(*(settler.read() for settler in worker.settlers))
+    # 60 users over 128 streams reach every third of them.
+    helds = [held for held in read if held is not None]
+    assert len(helds) == 3
+    read_by: dict[str, int] = {}
+    for writer, held in enumerate(helds):
+        for stream, _, fields in held.entries:
+            assert stream in shares[writer]
+            read_by[fields[fields.index(b"u") + 1].decode()] = writer
+    assert sorted(read_by) == sorted(users)
+    assert all(worker.settler_of(u) is worker.settlers[w] for u, w in read_by.items())
+
+    await asyncio.gather(
+        *(settler.write(held) for settler, held in zip(worker.settlers, helds, strict=True))
+    )
+    assert await scalar(pg, "SELECT sum(tokens_charged) FROM usage_totals") == 7 * len(users)

@@ -200,6 +200,7 @@ def test_bad_setting_exits_with_one_line_naming_it(base_env: dict[str, str]) -> 
     for name, env in (
         ("ALERT_WEBHOOK_SECRET", {"ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook"}),
         ("SYNC_BATCH_SIZE", {"SYNC_BATCH_SIZE": "0"}),
+        ("SYNC_WRITERS", {"SYNC_WRITERS": "0"}),
         ("ALERT_WEBHOOK_URL", {"ALERT_WEBHOOK_URL": "ftp://x", "ALERT_WEBHOOK_SECRET": "s"}),
     ):
         done = subprocess.run(
