@@ -167,7 +167,7 @@ class Batch:
     alerts: list[tuple[str, int, int, int, int, int, int]]
     resets: dict[tuple[str, int], Reset]
     kinds: dict[str, int]
-    copy: bytes = b""
+    copy: bytes
 
 
 def _named(fields: list[bytes]) -> dict[bytes, bytes]:

@@ -4,7 +4,6 @@ sidecar's) and the small HTTP server that serves them with /healthz."""
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +40,8 @@ BACKLOG = Gauge(
 LAST_SUCCESS = Gauge(
     "quota_sync_last_success_timestamp_seconds",
     "Unix time of the last batch committed to Postgres, or of the last idle check that"
-    " Postgres answered (once a second while the streams are empty).",
+    " Postgres answered (once a second while the streams are empty), of the writer whose"
+    " last success is the oldest: one stuck writer shows.",
 )
 CLAIMED = Counter(
     "quota_sync_claimed_entries_total",
@@ -134,7 +134,3 @@ class MetricsServer:
             status = "200 OK" if healthy else "503 Service Unavailable"
             return status, "application/json", orjson.dumps(details)
         return "404 Not Found", "application/json", b'{"error":"not_found"}'
-
-
-def mark_success() -> None:
-    LAST_SUCCESS.set(time.time())

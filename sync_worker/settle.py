@@ -56,6 +56,8 @@ class Settler:
         self._ack_entries: list[Entry] = []
         self._next_claim = 0.0
         self._next_idle_check = 0.0
+        # Unix time of this loop's last batch committed, or idle check Postgres answered.
+        self.last_success = 0.0
 
     async def start(self) -> None:
         await self.streams.ensure_groups()
@@ -93,7 +95,7 @@ class Settler:
         self._ack_entries = held.entries
         self._acking = asyncio.create_task(self.streams.ack(held.entries))
         self._held = None
-        metrics.mark_success()
+        self.last_success = time.time()
         return len(held.entries)
 
     async def _finish_ack(self) -> None:
@@ -122,7 +124,7 @@ class Settler:
             await self.flusher.reset_connection()
             raise
         self._next_idle_check = now + IDLE_CHECK_INTERVAL_S
-        metrics.mark_success()
+        self.last_success = time.time()
 
     @property
     def holding(self) -> bool:

@@ -78,8 +78,9 @@ class SettleStreams:
                 raise result
 
     async def read(self) -> ReadResult:
-        """New entries of every stream, at most about batch_size in all: each stream gets an
-        even share, and streams that filled theirs are read again while room is left."""
+        """New entries of every stream of this share, at most about batch_size in all: each
+        stream gets an even share, and streams that filled theirs are read again while room
+        is left."""
         result = ReadResult()
         streams = list(self.streams)
         count = max(READ_COUNT_MIN, self.batch_size // len(streams))

@@ -133,6 +133,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._stop_deadline = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        metrics.LAST_SUCCESS.set_function(self.last_success)
         # The last failure of each settle loop that has not succeeded since.
         self._settle_errors: dict[int, str] = {}
         self._backlog = 0
@@ -140,7 +141,7 @@ class Worker:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy once started and while the last settle step reached both stores: a worker
         that cannot write to Postgres (or read Redis) answers 503 "degraded"."""
-        last = metrics.LAST_SUCCESS._value.get()
+        last = self.last_success()
         error = next(iter(self._settle_errors.values()), None)
         status = "degraded" if error else "ok"
         return self.started and not error, {
@@ -167,6 +168,10 @@ class Worker:
         for settler in self.settlers:
             await settler.start()
         await self.plans.listen()
+
+    def last_success(self) -> float:
+        """The oldest of the writers' last successes (0 until each has had one)."""
+        return min(settler.last_success for settler in self.settlers)
 
     def settler_of(self, user_id: str) -> Settler:
         """The settle loop whose share holds this user's stream."""

@@ -262,11 +262,12 @@ async def writes_blocked(pg: AsyncEngine) -> AsyncIterator[None]:
         await conn.rollback()
 
 
-async def worker_blocked(pg: AsyncEngine, redis: Redis) -> bool:
-    """A worker holds a batch (entries pending) and waits in its Postgres write."""
+async def worker_blocked(pg: AsyncEngine, redis: Redis, writers: int = 1) -> bool:
+    """At least `writers` settle loops hold a batch (entries pending) and wait in their
+    Postgres write."""
     async with pg.connect() as conn:
         blocked = await conn.scalar(text(BLOCKED_WORKERS))
-    return bool(blocked) and await pending(redis) > 0
+    return int(blocked or 0) >= writers and await pending(redis) > 0
 
 
 async def end_dead_workers_transactions(pg: AsyncEngine) -> None:

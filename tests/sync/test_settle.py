@@ -4,7 +4,9 @@ and that writing the same entries again changes nothing."""
 import asyncio
 
 import httpx
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quota_common import keys
@@ -13,6 +15,8 @@ from sync_worker.streams import STREAMS, Entry
 from sync_worker.worker import Worker
 from tests.api import commit, refund, reserve
 from tests.sync.conftest import MakeWorker, drain, rows, scalar
+
+LAST_SUCCESS = "quota_sync_last_success_timestamp_seconds"
 
 
 async def test_commit_refund_and_expiry_reach_postgres_once(
@@ -142,7 +146,7 @@ async def test_writers_read_their_own_share_and_together_every_stream(
     assert sum(len(share) for share in shares) == len(STREAMS) == len(set().union(*shares))
 
     read = await asyncio.gather(*(settler.read() for settler in worker.settlers))
-    # 60 users over 128 streams reach every third of them.
+    # 60 users over 128 streams: each writer's share of 42-43 streams has some of them.
     helds = [held for held in read if held is not None]
     assert len(helds) == 3
     read_by: dict[str, int] = {}
@@ -157,3 +161,29 @@ async def test_writers_read_their_own_share_and_together_every_stream(
         *(settler.write(held) for settler, held in zip(worker.settlers, helds, strict=True))
     )
     assert await scalar(pg, "SELECT sum(tokens_charged) FROM usage_totals") == 7 * len(users)
+
+
+async def test_a_stuck_writer_shows_in_the_last_success_whatever_the_others_do(
+    http: httpx.AsyncClient, make_worker: MakeWorker, pg: AsyncEngine
+) -> None:
+    """The success clock (`/healthz` age, quota_sync_last_success_timestamp_seconds) is the
+    writer that succeeded least recently: one writer stuck on half the streams must not be
+    hidden by the other writing on."""
+    worker = await make_worker()
+    stuck, going = worker.settler_of("s1"), worker.settler_of("s4")
+    assert stuck is not going
+    assert (await commit(http, "s1", "first", 5))[0] == 200
+    await drain(worker)
+    async with pg.connect() as other:
+        await other.execute(text("SELECT 1 FROM usage_totals WHERE user_id = 's1' FOR UPDATE"))
+        assert (await commit(http, "s1", "blocked", 5))[0] == 200
+        assert (await commit(http, "s4", "free", 5))[0] == 200
+        blocked = asyncio.create_task(stuck.run_once())
+        assert await going.run_once() == 1
+        assert going.last_success > stuck.last_success > 0
+        assert worker.last_success() == stuck.last_success
+        assert REGISTRY.get_sample_value(LAST_SUCCESS) == stuck.last_success
+        assert not blocked.done()
+        await other.rollback()
+    assert await blocked == 1
+    assert worker.last_success() == min(stuck.last_success, going.last_success) > 0

@@ -98,13 +98,17 @@ def both(first: Load, second: Load) -> Load:
     return merged
 
 
+# Users of both shares of a worker with the default two writers (buckets 112 and 127).
+TWO_WRITERS_USERS = ["s1", "s4"]
+
+
 async def commit_until_held(
     http: httpx.AsyncClient, pg: AsyncEngine, redis: Redis, load: Load, commits: int
 ) -> int:
-    """Under writes_blocked: commits, then waits for the worker to hold a batch of them in
-    its hand (read, its write waiting); returns how many entries it holds."""
-    await drive(http, load, ["s1", "s2"], commits, 4)
-    await eventually(lambda: worker_blocked(pg, redis), 10, "a batch in the worker's hand")
+    """Under writes_blocked: commits, then waits for both of the worker's writers to hold a
+    batch of them in hand (read, its write waiting); returns how many entries they hold."""
+    await drive(http, load, TWO_WRITERS_USERS, commits, 4)
+    await eventually(lambda: worker_blocked(pg, redis, 2), 10, "a batch in each writer's hand")
     return await pending(redis)
 
 
@@ -123,7 +127,7 @@ async def test_first_sigterm_finishes_the_batch_in_hand_and_reads_nothing_new(
         in_hand = await commit_until_held(http, pg, redis, before, 40)
         worker.signal(signal.SIGTERM)
         # Settled while the worker stops: it must leave these to the next worker.
-        await drive(http, during, ["s1", "s2"], 20, 4)
+        await drive(http, during, TWO_WRITERS_USERS, 20, 4)
         assert worker.alive(), "the worker left before writing the batch in its hand"
     assert worker.proc is not None
     assert await asyncio.to_thread(worker.proc.wait, 10) == 0
