@@ -180,7 +180,9 @@ async def test_cancelled_requests_leak_no_hold(
 
         async def impatient(i: int) -> None:
             body = {"user_id": "flaky", "tokens": tokens, "reservation_id": f"f{i}", "ttl_s": 1}
-            timeout = httpx.Timeout(0.002 * (i % 50 + 1))
+            # From 2 ms to about 2 s: cut before sending, mid-flight or not at all, however
+            # slow the machine is (on a busy one, 100 ms did not get a single request through).
+            timeout = httpx.Timeout(0.002 * 1.035**i)
             try:
                 await clients[i % len(clients)].post("/v1/reserve", json=body, timeout=timeout)
             except httpx.TimeoutException:
