@@ -3,9 +3,12 @@ every section. Performance is never asserted here; the figures of a quick run me
 
 It uses Redis DB 3 (the benchmark's own, whatever TEST_REDIS_DB says) and a Postgres database
 of its own, dropped afterwards. While a real benchmark run holds DB 3 (a lock file), it skips.
+`benchmarks.sync_throughput` runs on the test's Redis database instead (it takes one).
 """
 
+import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +17,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from benchmarks.report import SECTIONS
 from benchmarks.run import LOCKED_EXIT
 from benchmarks.stores import drop_database
+from tests.conftest import REDIS_DB
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ROOT = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -105,3 +110,43 @@ def test_ab_compares_two_trees() -> None:
     lines = finished.stdout.splitlines()
     assert lines[0].startswith("A (") and lines[1].startswith("B (")
     assert lines[2].startswith("B had more requests/s in") and lines[2].endswith("of 2 rounds")
+
+
+async def test_sync_throughput_drains_with_two_writers_and_balances_the_books(
+    redis: Redis,
+) -> None:
+    """The in-process sync worker benchmark (on the test's own Redis database, which it
+    FLUSHes) writes every entry once and the totals add up."""
+    database = f"quota_bench_sync_smoke_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    finished = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.sync_throughput",
+            "--entries",
+            "3000",
+            "--users",
+            "300",
+            "--batch",
+            "500",
+            "--writers",
+            "2",
+            "--redis-db",
+            str(REDIS_DB),
+            "--database",
+            database,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "events/s (batch 500, 2 writers)" in finished.stdout
+    books = re.search(
+        r"books: events=(\d+) \(want (\d+)\), totals=(\d+) \(want (\d+)\)", finished.stdout
+    )
+    assert books is not None, finished.stdout
+    assert books[1] == books[2] == "3000" and books[3] == books[4]
