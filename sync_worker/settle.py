@@ -58,6 +58,8 @@ class Settler:
         self._next_idle_check = 0.0
         # Unix time of this loop's last batch committed, or idle check Postgres answered.
         self.last_success = 0.0
+        # The failure of the last step, set by the loop that runs this one (/healthz).
+        self.error: str | None = None
 
     async def start(self) -> None:
         await self.streams.ensure_groups()

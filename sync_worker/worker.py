@@ -134,15 +134,13 @@ class Worker:
         self._stop_deadline = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         metrics.LAST_SUCCESS.set_function(self.last_success)
-        # The last failure of each settle loop that has not succeeded since.
-        self._settle_errors: dict[int, str] = {}
         self._backlog = 0
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy once started and while the last settle step reached both stores: a worker
         that cannot write to Postgres (or read Redis) answers 503 "degraded"."""
         last = self.last_success()
-        error = next(iter(self._settle_errors.values()), None)
+        error = next((s.error for s in self.settlers if s.error), None)
         status = "degraded" if error else "ok"
         return self.started and not error, {
             "status": status if self.started else "starting",
@@ -207,7 +205,7 @@ class Worker:
         }
         self._tasks = [asyncio.create_task(loop(), name=name) for name, loop in loops.items()]
         try:
-            await asyncio.gather(*(self._settle_loop(n, s) for n, s in enumerate(self.settlers)))
+            await asyncio.gather(*(self._settle_loop(settler) for settler in self.settlers))
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -227,19 +225,18 @@ class Worker:
         await self.redis.aclose()
         await self.engine.dispose()
 
-    async def _settle_loop(self, writer: int, settler: Settler) -> None:
+    async def _settle_loop(self, settler: Settler) -> None:
         failures = 0
         while not self._stopping.is_set() or settler.holding:
             try:
                 # Once asked to stop, only what is already read is finished.
                 written = await settler.run_once(read=not self._stopping.is_set())
                 failures = 0
-                self._settle_errors.pop(writer, None)
+                settler.error = None
             except Exception as error:
                 failures += 1
-                message = f"{type(error).__name__}: {str(error)[:200]}"
-                self._settle_errors[writer] = message
-                log.warning("settle failed, batch kept", extra={"error": message})
+                settler.error = f"{type(error).__name__}: {str(error)[:200]}"
+                log.warning("settle failed, batch kept", extra={"error": settler.error})
                 backoff_s = min(ERROR_BACKOFF_MAX_S, 0.1 * 2**failures)
                 if not self._stopping.is_set():
                     await self._pause(backoff_s)

@@ -11,6 +11,8 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.servers import eventually
+
 # The contract's bound on an answer while Redis is down (DESIGN, guarantee 8).
 ANSWER_BOUND_S = 0.1
 # What a client on this test machine may see on top of it: the burst's client, the sidecar and
@@ -75,8 +77,11 @@ async def burst(url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[Ti
     moment it is written to the moment its whole answer is read."""
     ready = await connections(url, len(requests))
     start = asyncio.Event()
+    waiting = 0
 
     async def one(connection: Connection, path: str, body: dict[str, Any]) -> Timed:
+        nonlocal waiting
+        waiting += 1
         await start.wait()
         started = time.perf_counter()
         status, answer = await connection.post(path, body)
@@ -88,7 +93,7 @@ async def burst(url: str, requests: list[tuple[str, dict[str, Any]]]) -> list[Ti
         asyncio.create_task(one(connection, path, body))
         for connection, (path, body) in zip(ready, requests, strict=True)
     ]
-    await asyncio.sleep(0)  # every task waits at the start line
+    await eventually(lambda: waiting == len(tasks), 5, "every task at the start line", 0)
     start.set()
     return await asyncio.gather(*tasks)
 

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from sidecar.outage import Journal
+from tests.servers import eventually
 
 SET_ASIDE = "quota_journal_set_aside_entries_total"
 
@@ -213,7 +214,8 @@ async def test_a_cancelled_fsync_never_wedges_the_journal(tmp_path: Path) -> Non
         await second
 
     third = journal.append({"op": "commit", "reservation_id": "third"})
-    await asyncio.sleep(0)  # the task is now waiting for its fsync's thread
+    # Checked every loop turn: cancelled while its fsync's thread runs, not after.
+    await eventually(lambda: third in journal.in_flight, 1, "third's fsync", interval_s=0)
     journal.syncing.cancel()
     fourth = journal.append({"op": "commit", "reservation_id": "fourth"})
     async with asyncio.timeout(1):

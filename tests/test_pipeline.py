@@ -16,6 +16,7 @@ from quota_common.scripts import SCRIPTS, register_all
 from sidecar import pipeline
 from sidecar.pipeline import ScriptPipeline
 from tests.conftest import REDIS_URL
+from tests.servers import eventually
 from tests.test_lua_scripts import seed
 
 USERS = 50
@@ -67,6 +68,11 @@ async def test_thousands_of_calls_at_once_each_get_their_own_answer(
     assert in_flight_seen <= pipeline.IN_FLIGHT_MAX
 
 
+def written(calls: ScriptPipeline) -> bool:
+    """A call is on its way to Redis: written to the link, its reply not read yet."""
+    return calls.link is not None and bool(calls.link.in_flight)
+
+
 def test_a_stalled_loop_does_not_fail_replies_that_arrived_meanwhile(redis_seeded: None) -> None:
     """Another socket's callback blocks the loop past the 50 ms deadline right after a call is
     written, and Redis answers meanwhile (a long garbage collection does that in production).
@@ -89,8 +95,9 @@ def test_a_stalled_loop_does_not_fail_replies_that_arrived_meanwhile(redis_seede
         try:
             busy.sendall(b"DEBUG SLEEP 0.02\r\n")
             pending = asyncio.ensure_future(usage(calls, 0))
-            await asyncio.sleep(0)  # the call is queued,
-            await asyncio.sleep(0)  # and written by the flush of the next loop turn
+            # Queued, then written by the flush of the next loop turn: checked every turn, so
+            # the stall still starts before Redis (busy for 20 ms) can answer.
+            await eventually(lambda: written(calls), 1, "the call written", interval_s=0)
             wake.send(b"x")  # the stall starts with the next poll, before the reply is there
             return (await pending)[0]
         finally:

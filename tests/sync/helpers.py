@@ -262,6 +262,10 @@ async def writes_blocked(pg: AsyncEngine) -> AsyncIterator[None]:
         await conn.rollback()
 
 
+# A user of each share of a worker with the default two writers (buckets 112 and 127).
+TWO_WRITERS_USERS = ["s1", "s4"]
+
+
 async def worker_blocked(pg: AsyncEngine, redis: Redis, writers: int = 1) -> bool:
     """At least `writers` settle loops hold a batch (entries pending) and wait in their
     Postgres write."""

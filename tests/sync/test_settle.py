@@ -15,6 +15,7 @@ from sync_worker.streams import STREAMS, Entry
 from sync_worker.worker import Worker
 from tests.api import commit, refund, reserve
 from tests.sync.conftest import MakeWorker, drain, rows, scalar
+from tests.sync.helpers import TWO_WRITERS_USERS
 
 LAST_SUCCESS = "quota_sync_last_success_timestamp_seconds"
 
@@ -170,14 +171,17 @@ async def test_a_stuck_writer_shows_in_the_last_success_whatever_the_others_do(
     writer that succeeded least recently: one writer stuck on half the streams must not be
     hidden by the other writing on."""
     worker = await make_worker()
-    stuck, going = worker.settler_of("s1"), worker.settler_of("s4")
+    held_back, free = TWO_WRITERS_USERS
+    stuck, going = worker.settler_of(held_back), worker.settler_of(free)
     assert stuck is not going
-    assert (await commit(http, "s1", "first", 5))[0] == 200
+    assert (await commit(http, held_back, "first", 5))[0] == 200
     await drain(worker)
     async with pg.connect() as other:
-        await other.execute(text("SELECT 1 FROM usage_totals WHERE user_id = 's1' FOR UPDATE"))
-        assert (await commit(http, "s1", "blocked", 5))[0] == 200
-        assert (await commit(http, "s4", "free", 5))[0] == 200
+        await other.execute(
+            text("SELECT 1 FROM usage_totals WHERE user_id = :u FOR UPDATE"), {"u": held_back}
+        )
+        assert (await commit(http, held_back, "blocked", 5))[0] == 200
+        assert (await commit(http, free, "free", 5))[0] == 200
         blocked = asyncio.create_task(stuck.run_once())
         assert await going.run_once() == 1
         assert going.last_success > stuck.last_success > 0

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.servers import BIN, Process, eventually, free_port
 from tests.sync.conftest import start_worker, worker_env
 from tests.sync.helpers import (
+    TWO_WRITERS_USERS,
     Load,
     assert_books,
     backlog,
@@ -96,10 +97,6 @@ def both(first: Load, second: Load) -> Load:
     merged = Load()
     merged.committed = {**first.committed, **second.committed}
     return merged
-
-
-# Users of both shares of a worker with the default two writers (buckets 112 and 127).
-TWO_WRITERS_USERS = ["s1", "s4"]
 
 
 async def commit_until_held(
